@@ -1,0 +1,3 @@
+from calora_cli.cli import main
+
+main()

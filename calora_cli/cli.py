@@ -1,0 +1,350 @@
+"""The command line: one thin function per command (parse, call a stage, print a summary).
+
+Nothing heavy is imported at module level: `calora --help` must not import torch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import json
+import logging
+import os
+import sys
+import traceback
+import warnings
+from pathlib import Path
+from typing import Annotated, Any, Callable, Optional
+
+import typer
+
+from calora_cli import __version__
+from calora_cli.errors import CaloraError, NotBuiltYet
+
+app = typer.Typer(
+    name="calora",
+    help="Move LoRA adapters onto compressed LLMs: compress a base, carry adapters over, recover, merge, evaluate.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+# --- options every command shares --------------------------------------------------------------
+Output = Annotated[Path, typer.Option("-o", "--output", help="Output artifact directory (written atomically).")]
+Force = Annotated[bool, typer.Option("--force", help="Replace an existing output.")]
+Seed = Annotated[int, typer.Option("--seed", help="Random seed: equal seeds and inputs give byte-identical outputs on CPU.")]
+Device = Annotated[str, typer.Option("--device", help="cpu, or cuda[:N] when asked for.")]
+Dtype = Annotated[str, typer.Option("--dtype", help="Compute dtype: float32, bfloat16 or float16.")]
+Json = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout and nothing else there.")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or warnings.")]
+Debug = Annotated[bool, typer.Option("--debug", help="Show the full traceback on errors.")]
+AllowMismatch = Annotated[
+    bool, typer.Option("--allow-base-mismatch", help="Use an adapter even if the model does not descend from its base.")
+]
+
+
+# Libraries print banners to stdout (gptqmodel does on import); commands run with stdout sent to
+# stderr, and only the summary goes to the real stdout, so `--json` output stays parseable.
+_STDOUT: contextvars.ContextVar = contextvars.ContextVar("stdout", default=None)
+_NOISY_LOGGERS = ("torchao", "torch.utils._pytree", "gptqmodel", "transformers", "peft", "optimum", "accelerate")
+
+
+def _quiet_libraries() -> None:
+    warnings.filterwarnings("ignore")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    for name in _NOISY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def _err(msg: str) -> None:
+    print(f"calora: {msg}", file=sys.stderr)
+
+
+def command(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Run a command body: bad input -> one line on stderr and exit 2; --debug shows tracebacks."""
+
+    @functools.wraps(fn)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        debug = kwargs.get("debug", False)
+        if debug:
+            os.environ["CALORA_DEBUG"] = "1"
+        else:
+            _quiet_libraries()
+        token = _STDOUT.set(sys.stdout)
+        try:
+            with contextlib.redirect_stdout(sys.stderr):
+                return fn(*args, **kwargs)
+        except CaloraError as e:
+            if debug:
+                traceback.print_exc()
+            _err(f"error: {e}")
+            raise typer.Exit(e.exit_code) from None
+        except KeyboardInterrupt:
+            _err("interrupted")
+            raise typer.Exit(130) from None
+        except typer.Exit:
+            raise
+        except Exception as e:  # a bug, not bad input: say so, in one line unless --debug
+            if debug:
+                traceback.print_exc()
+            first = (str(e).strip().splitlines() or [""])[0]
+            _err(f"internal error: {type(e).__name__}: {first} (rerun with --debug for the traceback)")
+            raise typer.Exit(1) from None
+        finally:
+            _STDOUT.reset(token)
+
+    return run
+
+
+def _opts(device: str = "cpu", dtype: str = "float32", seed: int = 0, force: bool = False, quiet: bool = False, allow: bool = False):
+    from calora_cli.stages.common import RunOptions
+
+    return RunOptions(
+        device=device,
+        dtype=dtype,
+        seed=seed,
+        force=force,
+        show_progress=not quiet,
+        allow_base_mismatch=allow,
+        warn=(lambda m: None) if quiet else (lambda m: _err(f"warning: {m}")),
+    )
+
+
+def _emit(summary: dict, as_json: bool) -> None:
+    out = _STDOUT.get() or sys.stdout
+    if as_json:
+        print(json.dumps(summary, sort_keys=True, default=str), file=out, flush=True)
+        return
+    from rich.console import Console
+
+    console = Console(file=out)
+    for key, value in summary.items():
+        if value is None or value == {}:
+            continue
+        if isinstance(value, dict):
+            console.print(f"[bold]{key}[/bold]")
+            for k, v in value.items():
+                console.print(f"  {k}: {_fmt(v)}", highlight=False)
+        else:
+            console.print(f"[bold]{key}[/bold]: {_fmt(value)}", highlight=False)
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    if isinstance(v, dict):
+        return ", ".join(f"{k}={_fmt(x)}" for k, x in v.items())
+    return str(v)
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"calora {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_callback(
+    version: Annotated[
+        Optional[bool], typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
+    ] = None,
+) -> None:
+    """calora: CA-LoRA, NOLA and LoSA as pipeline stages over artifacts on disk."""
+
+
+# --- commands ------------------------------------------------------------------------------------
+
+
+@app.command()
+@command
+def train(
+    base: Annotated[Path, typer.Argument(help="Base model directory (Hugging Face layout).")],
+    output: Output,
+    data: Annotated[Path, typer.Option("--data", help="Training data: .txt (packed text) or .jsonl of {prompt, completion}.")],
+    rank: Annotated[int, typer.Option("--rank", help="LoRA rank r.")] = 8,
+    alpha: Annotated[Optional[float], typer.Option("--alpha", help="LoRA alpha (default 2*rank).")] = None,
+    targets: Annotated[
+        Optional[str], typer.Option("--targets", help="Comma list of module names (default: every linear of attention and MLP).")
+    ] = None,
+    steps: Annotated[int, typer.Option("--steps")] = 200,
+    lr: Annotated[float, typer.Option("--lr")] = 1e-3,
+    batch_size: Annotated[int, typer.Option("--batch-size")] = 8,
+    seq_len: Annotated[int, typer.Option("--seq-len")] = 256,
+    seed: Seed = 0,
+    device: Device = "cpu",
+    dtype: Dtype = "float32",
+    force: Force = False,
+    json_: Json = False,
+    quiet: Quiet = False,
+    debug: Debug = False,
+) -> None:
+    """Fine-tune a plain LoRA (peft) on a base model: the baseline, and the source of existing LoRAs."""
+    from calora_cli.stages.finetune import train_lora
+    from calora_cli.train import TrainConfig
+
+    cfg = TrainConfig(steps=steps, lr=lr, batch_size=batch_size, seq_len=seq_len, seed=seed)
+    tlist = [t.strip() for t in targets.split(",") if t.strip()] if targets else None
+    summary = train_lora(base, data, output, cfg, _opts(device, dtype, seed, force, quiet), rank=rank, alpha=alpha, targets=tlist)
+    _emit(summary, json_)
+
+
+@app.command("eval")
+@command
+def eval_(
+    model: Annotated[Path, typer.Argument(help="Model directory (dense, pruned or quantized).")],
+    adapter: Annotated[Optional[Path], typer.Option("--adapter", help="Adapter directory to attach.")] = None,
+    ppl: Annotated[Optional[Path], typer.Option("--ppl", help="Text file for perplexity.")] = None,
+    tasks: Annotated[
+        Optional[list[Path]], typer.Option("--tasks", help="Multiple-choice JSONL {context, choices, label}; repeatable.")
+    ] = None,
+    seq_len: Annotated[int, typer.Option("--seq-len", help="Window length for perplexity; max length for tasks.")] = 512,
+    stride: Annotated[Optional[int], typer.Option("--stride", help="Overlapping windows every STRIDE tokens (off by default).")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size")] = 4,
+    limit: Annotated[Optional[int], typer.Option("--limit", help="Score only the first N items of each task.")] = None,
+    output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Also write the results JSON to this file.")] = None,
+    allow_base_mismatch: AllowMismatch = False,
+    device: Device = "cpu",
+    dtype: Dtype = "float32",
+    force: Force = False,
+    json_: Json = False,
+    quiet: Quiet = False,
+    debug: Debug = False,
+) -> None:
+    """Perplexity on text and multiple-choice accuracy (acc, acc_norm), optionally with an adapter."""
+    from calora_cli.artifacts import check_output
+    from calora_cli.stages.evaluate import evaluate
+
+    if output is not None:
+        check_output(output, force)
+    result = evaluate(
+        model,
+        _opts(device, dtype, 0, force, quiet, allow_base_mismatch),
+        adapter=adapter,
+        ppl_file=ppl,
+        task_files=tasks,
+        seq_len=seq_len,
+        stride=stride,
+        batch_size=batch_size,
+        limit=limit,
+    )
+    if output is not None:
+        tmp = output.with_name(f".{output.name}.tmp")
+        tmp.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, output)
+    _emit(result, json_)
+
+
+@app.command()
+@command
+def info(
+    artifact: Annotated[Path, typer.Argument(help="A model or adapter directory.")],
+    verify: Annotated[bool, typer.Option("--verify", help="Hash every file and compare with the manifest.")] = False,
+    json_: Json = False,
+    quiet: Quiet = False,
+    debug: Debug = False,
+) -> None:
+    """Show an artifact: kind, lineage, sizes, parameters, sparsity, quantization."""
+    from calora_cli.stages.info import describe
+
+    result = describe(artifact, check=verify)
+    _emit(result, json_)
+    if verify and not result["verify"]["ok"]:
+        raise CaloraError(f"{artifact} failed verification: {'; '.join(result['verify']['problems'])}")
+
+
+@app.command()
+@command
+def compress(
+    model: Annotated[Path, typer.Argument(help="Model (or, with --method nola, adapter) directory.")],
+    output: Output,
+    method: Annotated[str, typer.Option("--method", help="gptq, rtn-int8, nf4, magnitude, wanda, sparsegpt, nola.")],
+    seed: Seed = 0,
+    device: Device = "cpu",
+    dtype: Dtype = "float32",
+    force: Force = False,
+    json_: Json = False,
+    quiet: Quiet = False,
+    debug: Debug = False,
+) -> None:
+    """Compress a base model layer by layer (quantize or prune), or a LoRA into NOLA coefficients. [not built yet: #3]"""
+    raise NotBuiltYet("compress", 3)
+
+
+@app.command()
+@command
+def inherit(
+    adapter: Annotated[Path, typer.Argument(help="The existing LoRA, trained on the uncompressed model.")],
+    base: Annotated[Path, typer.Option("--base", help="The compressed model.")],
+    output: Output,
+    allow_base_mismatch: AllowMismatch = False,
+    force: Force = False,
+    json_: Json = False,
+    quiet: Quiet = False,
+    debug: Debug = False,
+) -> None:
+    """CA-LoRA knowledge inheritance: carry an existing LoRA onto a compressed model. [not built yet: #4]"""
+    raise NotBuiltYet("inherit", 4)
+
+
+@app.command()
+@command
+def recover(
+    adapter: Annotated[Path, typer.Argument(help="The inherited adapter.")],
+    base: Annotated[Path, typer.Option("--base", help="The compressed model.")],
+    teacher: Annotated[Path, typer.Option("--teacher", help="The uncompressed model.")],
+    teacher_adapter: Annotated[Path, typer.Option("--teacher-adapter", help="The original LoRA.")],
+    data: Annotated[Path, typer.Option("--data", help="Training text or JSONL.")],
+    output: Output,
+    seed: Seed = 0,
+    device: Device = "cpu",
+    dtype: Dtype = "float32",
+    force: Force = False,
+    json_: Json = False,
+    quiet: Quiet = False,
+    debug: Debug = False,
+) -> None:
+    """CA-LoRA knowledge recovery: train LoRA + recovery modules by distillation from the teacher. [not built yet: #4]"""
+    raise NotBuiltYet("recover", 4)
+
+
+@app.command("sparsify-adapter")
+@command
+def sparsify_adapter(
+    adapter: Annotated[Path, typer.Argument(help="A LoRA (or NOLA) adapter.")],
+    base: Annotated[Path, typer.Option("--base", help="The sparse (pruned) base model.")],
+    output: Output,
+    seed: Seed = 0,
+    device: Device = "cpu",
+    dtype: Dtype = "float32",
+    force: Force = False,
+    json_: Json = False,
+    quiet: Quiet = False,
+    debug: Debug = False,
+) -> None:
+    """LoSA: mask an adapter to a sparse base's zeros (optionally fine-tune it masked). [not built yet: #5]"""
+    raise NotBuiltYet("sparsify-adapter", 5)
+
+
+@app.command()
+@command
+def merge(
+    base: Annotated[Path, typer.Argument(help="Base model directory.")],
+    adapter: Annotated[list[Path], typer.Option("--adapter", help="Adapter to fold in; repeatable.")],
+    output: Output,
+    force: Force = False,
+    json_: Json = False,
+    quiet: Quiet = False,
+    debug: Debug = False,
+) -> None:
+    """Fold adapters into a base: dense, sparse (zeros kept) or GPTQ (re-quantized). [not built yet: #5]"""
+    raise NotBuiltYet("merge", 5)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""One module per command's logic. Only stages and cli.py touch the disk."""

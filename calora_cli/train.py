@@ -1,0 +1,107 @@
+"""The one training loop. Stages extend it with a loss function and step hooks, never a copy.
+
+- `calora train` uses the plain causal-LM loss;
+- recovery (CA-LoRA) adds a distillation term through `loss_fn`;
+- LoSA re-applies masks through `after_step`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator
+
+from calora_cli.errors import CaloraError
+
+if TYPE_CHECKING:
+    import torch
+
+Batch = dict[str, "torch.Tensor"]
+LossFn = Callable[["torch.nn.Module", Batch], tuple["torch.Tensor", dict[str, float]]]
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    lr: float = 1e-3
+    batch_size: int = 8
+    seq_len: int = 256
+    seed: int = 0
+    warmup: int | None = None  # default: 10% of the steps
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+
+    def check(self) -> None:
+        if self.steps < 1:
+            raise CaloraError(f"--steps must be at least 1, got {self.steps}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise CaloraError(f"--lr must be a positive number, got {self.lr}")
+        if self.batch_size < 1:
+            raise CaloraError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.seq_len < 2:
+            raise CaloraError(f"--seq-len must be at least 2, got {self.seq_len}")
+
+    def as_params(self) -> dict:
+        return asdict(self)
+
+
+def causal_lm_loss(model: "torch.nn.Module", batch: Batch) -> tuple["torch.Tensor", dict[str, float]]:
+    out = model(**batch)
+    return out.loss, {"loss": out.loss.item()}
+
+
+def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
+    """Linear warm-up, then cosine decay to 10% of the peak."""
+    warm = cfg.warmup if cfg.warmup is not None else max(1, cfg.steps // 10)
+
+    def f(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        t = (step - warm) / max(1, cfg.steps - warm)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
+    return f
+
+
+def train_loop(
+    model: "torch.nn.Module",
+    params: Iterable["torch.nn.Parameter"],
+    data: Iterator[Batch],
+    cfg: TrainConfig,
+    loss_fn: LossFn = causal_lm_loss,
+    after_step: Callable[[int], None] | None = None,
+    on_step: Callable[..., None] | None = None,
+) -> dict[str, float]:
+    """Train `params` of `model` for cfg.steps batches of `data`; return loss metrics.
+
+    Refuses to go on when the loss stops being finite (a NaN would otherwise be written out).
+    """
+    import torch
+
+    params = [p for p in params if p.requires_grad]
+    if not params:
+        raise CaloraError("nothing to train: no trainable parameters")
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
+    model.train()
+    losses: list[float] = []
+    for step in range(cfg.steps):
+        batch = next(data)
+        batch = {k: v.to(params[0].device) for k, v in batch.items()}
+        loss, logs = loss_fn(model, batch)
+        if not torch.isfinite(loss):
+            raise CaloraError(f"training diverged: loss is {loss.item()} at step {step + 1} (try a lower --lr)")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+        sched.step()
+        if after_step is not None:
+            after_step(step)
+        losses.append(loss.item())
+        if on_step is not None:
+            on_step(1, **logs)
+    model.eval()
+    tail = losses[-max(1, min(10, len(losses) // 5)) :]
+    return {"first_loss": losses[0], "final_loss": sum(tail) / len(tail), "steps": len(losses)}

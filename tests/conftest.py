@@ -1,0 +1,88 @@
+"""Shared fixtures: a tiny Llama with a locally trained tokenizer, and a LoRA trained on it.
+
+Both are built once and cached under the pytest cache (`.pytest_cache/d/calora-fixtures`), so
+every test reuses them. Everything comes from code and the shipped text: no hub, no download.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("GPTQMODEL_DISABLE_PACK_EXT", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+from helpers import DATA, SHK, save_tiny_base  # noqa: E402
+
+FIXTURE_VERSION = "v1"  # bump when the fixtures below change shape
+
+
+def _cached(request, name: str, build) -> Path:
+    root = Path(request.config.cache.mkdir(f"calora-fixtures-{FIXTURE_VERSION}"))
+    path = root / name
+    if not (path / ".done").exists():
+        shutil.rmtree(path, ignore_errors=True)
+        tmp = root / f"{name}.building"
+        shutil.rmtree(tmp, ignore_errors=True)
+        build(tmp)
+        (tmp / ".done").write_text("")
+        tmp.rename(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    if not SHK.is_dir():
+        pytest.fail(f"shared data not found at {DATA} (set CALORA_SHARED_DATA)")
+    return DATA
+
+
+@pytest.fixture(scope="session")
+def small_text(tmp_path_factory, data_dir) -> Path:
+    """About 20k characters of one play: enough for a few training batches at seq_len 64."""
+    p = tmp_path_factory.mktemp("data") / "small.txt"
+    p.write_text((data_dir / "shakespeare" / "plays" / "tragedies--macbeth.txt").read_text()[:20000])
+    return p
+
+
+@pytest.fixture(scope="session")
+def tiny_base(request) -> Path:
+    return _cached(request, "tiny-base", save_tiny_base)
+
+
+@pytest.fixture(scope="session")
+def other_base(request) -> Path:
+    """Same shapes as tiny_base, other weights: for adapter-for-another-base errors."""
+    return _cached(request, "other-base", lambda out: save_tiny_base(out, seed=1))
+
+
+@pytest.fixture(scope="session")
+def tiny_lora(request, tiny_base, data_dir) -> Path:
+    from calora_cli.stages.common import RunOptions
+    from calora_cli.stages.finetune import train_lora
+    from calora_cli.train import TrainConfig
+
+    def build(out: Path) -> None:
+        text = data_dir / "shakespeare" / "train-tragedies.txt"
+        cfg = TrainConfig(steps=12, lr=5e-3, batch_size=4, seq_len=64, seed=0)
+        train_lora(tiny_base, text, out, cfg, RunOptions(show_progress=False, force=True), rank=4)
+
+    return _cached(request, "tiny-lora", build)
+
+
+@pytest.fixture
+def cli():
+    """Run the CLI in-process; returns click's Result (stdout, stderr, exit_code)."""
+    from typer.testing import CliRunner
+
+    from calora_cli.cli import app
+
+    runner = CliRunner()
+
+    def run(*args: str):
+        return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+    return run
