@@ -257,9 +257,21 @@ def info(
 @app.command()
 @command
 def compress(
-    model: Annotated[Path, typer.Argument(help="Model (or, with --method nola, adapter) directory.")],
+    model: Annotated[Path, typer.Argument(help="Model directory (Hugging Face layout).")],
     output: Output,
-    method: Annotated[str, typer.Option("--method", help="gptq, rtn-int8, nf4, magnitude, wanda, sparsegpt, nola.")],
+    method: Annotated[str, typer.Option("--method", help="gptq, rtn-int8, nf4 (quantize); magnitude, wanda, sparsegpt (prune).")],
+    sparsity: Annotated[Optional[float], typer.Option("--sparsity", help="Pruning: fraction of zeros in (0, 1).")] = None,
+    pattern: Annotated[str, typer.Option("--pattern", help="Pruning: unstructured, or N:M (N kept in every M inputs, e.g. 2:4).")] = "unstructured",
+    allocation: Annotated[
+        str, typer.Option("--allocation", help="Pruning: uniform rates, or rmi (LoSA's per-layer rates from representation similarity).")
+    ] = "uniform",
+    rmi_delta: Annotated[Optional[float], typer.Option("--rmi-delta", help="rmi: rates lie in sparsity +- delta (default 0.01-0.03 by sparsity).")] = None,
+    then: Annotated[Optional[str], typer.Option("--then", help="After pruning, quantize: gptq.")] = None,
+    bits: Annotated[int, typer.Option("--bits", help="GPTQ bits: 4 or 8.")] = 4,
+    group_size: Annotated[int, typer.Option("--group-size", help="GPTQ group size; must divide every linear's input features.")] = 128,
+    calib: Annotated[Optional[Path], typer.Option("--calib", help="Calibration text (needed by wanda, sparsegpt, gptq, rmi).")] = None,
+    calib_samples: Annotated[int, typer.Option("--calib-samples", help="Calibration windows drawn from --calib.")] = 32,
+    seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per calibration window.")] = 256,
     seed: Seed = 0,
     device: Device = "cpu",
     dtype: Dtype = "float32",
@@ -268,8 +280,14 @@ def compress(
     quiet: Quiet = False,
     debug: Debug = False,
 ) -> None:
-    """Compress a base model layer by layer (quantize or prune), or a LoRA into NOLA coefficients. [not built yet: #3]"""
-    raise NotBuiltYet("compress", 3)
+    """Compress a base model block by block: GPTQ / bitsandbytes quantization, or magnitude / Wanda / SparseGPT pruning."""
+    from calora_cli.stages.compress import CompressSpec, compress_model
+
+    spec = CompressSpec(
+        method=method, sparsity=sparsity, pattern=pattern, allocation=allocation, rmi_delta=rmi_delta, bits=bits,
+        group_size=group_size, calib=calib, calib_samples=calib_samples, seq_len=seq_len, then=then,
+    )
+    _emit(compress_model(model, output, spec, _opts(device, dtype, seed, force, quiet)), json_)
 
 
 @app.command()

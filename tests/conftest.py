@@ -86,3 +86,14 @@ def cli():
         return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
 
     return run
+
+
+@pytest.fixture(scope="session")
+def deep_base(request) -> Path:
+    """4 decoder blocks (tiny_base has 2): enough for per-layer allocation to mean something."""
+    return _cached(request, "deep-base", lambda out: save_tiny_base(out, seed=2, layers=4))
+
+
+@pytest.fixture(scope="session")
+def calib_text(data_dir) -> Path:
+    return data_dir / "shakespeare" / "plays" / "tragedies--hamlet.txt"

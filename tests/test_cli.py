@@ -32,7 +32,7 @@ def test_python_dash_m_works():
 @pytest.mark.parametrize(
     "args, issue",
     [
-        (["compress", "m", "-o", "o", "--method", "wanda"], 3),
+        
         (["inherit", "a", "--base", "b", "-o", "o"], 4),
         (["recover", "a", "--base", "b", "--teacher", "t", "--teacher-adapter", "l", "--data", "d", "-o", "o"], 4),
         (["sparsify-adapter", "a", "--base", "b", "-o", "o"], 5),

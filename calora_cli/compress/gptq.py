@@ -1,0 +1,112 @@
+"""GPTQ through transformers' GPTQConfig -> optimum -> gptqmodel (4/8-bit, grouped).
+
+gptqmodel runs GPTQ block by block itself; calora only prepares calibration text, checks the
+group size and keeps the calibration text out of config.json (gptqmodel stores it there).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from calora_cli.errors import CaloraError
+
+BITS = (4, 8)
+
+
+def in_features(config: dict) -> dict[str, int]:
+    """Input width of each linear of a Llama-style block, from its config.json."""
+    hidden = config["hidden_size"]
+    heads = config["num_attention_heads"]
+    head_dim = config.get("head_dim") or hidden // heads
+    return {
+        "q_proj/k_proj/v_proj/gate_proj/up_proj": hidden,
+        "o_proj": heads * head_dim,
+        "down_proj": config["intermediate_size"],
+    }
+
+
+def check_group_size(config: dict, group_size: int) -> None:
+    if group_size == -1:
+        return
+    if group_size < 1:
+        raise CaloraError(f"--group-size must be positive (or -1 for one group per row), got {group_size}")
+    for names, width in in_features(config).items():
+        if width % group_size:
+            fits = [g for g in (32, 64, 128) if all(w % g == 0 for w in in_features(config).values())]
+            hint = f"; {' or '.join(map(str, fits))} would fit every layer" if fits else ""
+            raise CaloraError(
+                f"--group-size {group_size} does not divide the {width} input features of {names}{hint}"
+            )
+
+
+def quantize(src: Path, bits: int, group_size: int, calib_texts: list[str], tokenizer, seed: int):
+    """Load `src` quantized with GPTQ; returns the quantized model (on CPU)."""
+    import torch
+    from transformers import AutoModelForCausalLM, GPTQConfig
+
+    if bits not in BITS:
+        raise CaloraError(f"--bits must be one of {', '.join(map(str, BITS))} for gptq, got {bits}")
+    torch.manual_seed(seed)
+    cfg = GPTQConfig(bits=bits, group_size=group_size, dataset=calib_texts, tokenizer=tokenizer, desc_act=False, sym=True)
+    # float32: gptqmodel would pick bf16 on CPU, whose matmuls are ~10x slower on CPUs without AMX
+    return AutoModelForCausalLM.from_pretrained(
+        src, quantization_config=cfg, device_map="cpu", dtype=torch.float32, trust_remote_code=False, use_safetensors=True, local_files_only=True
+    )
+
+
+def strip_calibration(config_path: Path) -> None:
+    """Drop the calibration text gptqmodel copies into config.json (the manifest records its fingerprint).
+
+    transformers accepts only a dataset name or None there on reload, so the key is removed.
+    """
+    cfg = json.loads(config_path.read_text())
+    q = cfg.get("quantization_config")
+    if q and q.pop("dataset", None) is not None:
+        config_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
+def _unpack(packed, bits: int, rows_packed: bool):
+    """int32 words holding 32/bits codes each -> codes, along rows (qweight) or columns (qzeros)."""
+    import torch
+
+    per = 32 // bits
+    shifts = torch.arange(per, dtype=torch.int32) * bits
+    if rows_packed:  # qweight: (in/per, out) -> (in, out)
+        codes = (packed.unsqueeze(1) >> shifts[None, :, None]) & (2**bits - 1)
+        return codes.reshape(-1, packed.shape[1])
+    codes = (packed.unsqueeze(2) >> shifts[None, None, :]) & (2**bits - 1)  # qzeros: (g, out/per) -> (g, out)
+    return codes.reshape(packed.shape[0], -1)
+
+
+def _pack_rows(codes, bits: int):
+    import torch
+
+    per = 32 // bits
+    grouped = codes.reshape(-1, per, codes.shape[1]).to(torch.int64)
+    word = torch.zeros(grouped.shape[0], grouped.shape[2], dtype=torch.int64)
+    for j in range(per):
+        word |= grouped[:, j, :] << (bits * j)
+    # reinterpret the low 32 bits as a signed int32, as the packed format stores them
+    return torch.where(word >= 2**31, word - 2**32, word).to(torch.int32)
+
+
+def keep_zeros(module, keep) -> int:
+    """Give every pruned weight of a GPTQ linear its group's zero code, which dequantizes to exactly 0.
+
+    gptqmodel's GPTQ has no option to preserve a sparsity mask (llm-compressor's
+    `preserve_sparsity_mask`): its error compensation writes non-zero values into pruned weights.
+    `keep` is the (out, in) boolean mask of the pruned model. Returns how many codes changed.
+    """
+    import torch
+
+    bits = module.bits
+    if bits not in (2, 4, 8):
+        raise CaloraError(f"--then gptq supports 2/4/8-bit packing, got {bits}")
+    codes = _unpack(module.qweight, bits, rows_packed=True)[: module.in_features]
+    zeros = _unpack(module.qzeros, bits, rows_packed=False)[:, : module.out_features]
+    zero_codes = zeros[module.g_idx.long()]  # (in, out)
+    new = torch.where(keep.T, codes, zero_codes)
+    changed = int((new != codes).sum())
+    module.qweight.data.copy_(_pack_rows(new, bits))
+    return changed

@@ -1,0 +1,199 @@
+"""Block-by-block calibration, as GPTQ's reference, Wanda and SparseGPT do it.
+
+Capture the inputs of decoder block 0 for the calibration batch, then for each block: gather the
+statistics its linears need from one pass, compress them, run the block again so its outputs
+(with compression error included) become the next block's inputs. Memory holds the model once plus
+one block's activations.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable, Iterator
+
+if TYPE_CHECKING:
+    import torch
+
+Captured = list[tuple["torch.Tensor", dict]]
+
+
+class _Stop(Exception):
+    pass
+
+
+def decoder_layers(model) -> "torch.nn.ModuleList":
+    inner = getattr(model, "model", model)
+    layers = getattr(inner, "layers", None)
+    if layers is None:
+        from calora_cli.errors import CaloraError
+
+        raise CaloraError(f"{type(model).__name__} has no decoder layers at model.layers; only Llama-style models are supported")
+    return layers
+
+
+def block_linears(block) -> dict[str, "torch.nn.Linear"]:
+    import torch
+
+    return {name: m for name, m in block.named_modules() if isinstance(m, torch.nn.Linear)}
+
+
+def capture_inputs(model, calib: "torch.Tensor", batch_size: int = 8) -> Captured:
+    """Hidden states (and the keyword arguments) entering decoder block 0, one entry per micro-batch."""
+    import torch
+
+    layers = decoder_layers(model)
+    captured: Captured = []
+
+    def hook(module, args, kwargs):
+        kwargs = dict(kwargs)
+        hs = args[0] if args else kwargs.pop("hidden_states")
+        captured.append((hs.detach(), kwargs))
+        raise _Stop
+
+    handle = layers[0].register_forward_pre_hook(hook, with_kwargs=True)
+    device = next(model.parameters()).device
+    try:
+        with torch.no_grad():
+            for i in range(0, calib.shape[0], batch_size):
+                try:
+                    model(input_ids=calib[i : i + batch_size].to(device), use_cache=False)
+                except _Stop:
+                    pass
+    finally:
+        handle.remove()
+    return captured
+
+
+def run_block(block, inputs: Captured) -> Captured:
+    import torch
+
+    out = []
+    with torch.no_grad():
+        for hs, kw in inputs:
+            y = block(hs, **kw)
+            out.append((y[0] if isinstance(y, tuple) else y, kw))
+    return out
+
+
+@dataclass
+class InputStats:
+    """Running statistics of a linear layer's inputs: what Wanda (norms) or SparseGPT (hessian) need."""
+
+    needs: str | None
+    tokens: int = 0
+    sq_sum: "torch.Tensor | None" = None
+    xtx: "torch.Tensor | None" = None
+
+    def add(self, x: "torch.Tensor") -> None:
+        x = x.reshape(-1, x.shape[-1]).float()
+        self.tokens += x.shape[0]
+        if self.needs == "norms":
+            s = (x**2).sum(0)
+            self.sq_sum = s if self.sq_sum is None else self.sq_sum + s
+        elif self.needs == "hessian":
+            h = x.T @ x
+            self.xtx = h if self.xtx is None else self.xtx + h
+
+    @property
+    def sq_mean(self) -> "torch.Tensor":
+        return self.sq_sum / self.tokens
+
+    @property
+    def hessian(self) -> "torch.Tensor":
+        return 2 * self.xtx / self.tokens
+
+
+def collect_stats(block, inputs: Captured, needs: str | None) -> tuple[dict[str, InputStats], Captured]:
+    """One pass of the block: statistics of every linear's inputs, and the block's (dense) outputs."""
+    linears = block_linears(block)
+    stats = {name: InputStats(needs) for name in linears}
+    handles = [
+        m.register_forward_hook(lambda mod, args, out, s=stats[name]: s.add(args[0])) for name, m in linears.items()
+    ] if needs else []
+    try:
+        outputs = run_block(block, inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return stats, outputs
+
+
+def relative_error(reference: Captured, got: Captured) -> float:
+    """||got - ref||^2 / ||ref||^2 over every calibration token and channel."""
+    num = sum(((g - r).double() ** 2).sum().item() for (g, _), (r, _) in zip(got, reference))
+    den = sum((r.double() ** 2).sum().item() for r, _ in reference)
+    return num / den if den else 0.0
+
+
+@dataclass
+class BlockReport:
+    index: int
+    rate: float | None
+    sparsity: dict[str, float] = field(default_factory=dict)
+    rel_error: float = 0.0
+
+
+def prune_sequential(
+    model,
+    calib: "torch.Tensor | None",
+    rates: list[float],
+    prune_fn: Callable,
+    needs: str | None,
+    nm: tuple[int, int] | None,
+    on_block: Callable[..., None] | None = None,
+) -> Iterator[BlockReport]:
+    """Prune every linear of every decoder block in place; yield a report per block.
+
+    Without calibration data (magnitude), blocks are pruned from their weights alone and no
+    output error is measured.
+    """
+    import torch
+
+    layers = decoder_layers(model)
+    inputs = capture_inputs(model, calib) if calib is not None else None
+    for i, block in enumerate(layers):
+        report = BlockReport(i, rates[i])
+        if inputs is not None:
+            stats, dense_out = collect_stats(block, inputs, needs)
+        else:
+            stats, dense_out = {}, None
+        with torch.no_grad():
+            for name, lin in block_linears(block).items():
+                new = prune_fn(lin.weight.data, stats.get(name), rates[i], nm)
+                lin.weight.data.copy_(new)
+                report.sparsity[name] = (lin.weight.data == 0).sum().item() / lin.weight.numel()
+        if inputs is not None:
+            inputs = run_block(block, inputs)
+            report.rel_error = relative_error(dense_out, inputs)
+        if on_block is not None:
+            on_block(1)
+        yield report
+
+
+def input_grams(model, calib: "torch.Tensor") -> list["torch.Tensor"]:
+    """The n x n Gram matrix of each decoder block's input (each sample flattened), dense model."""
+    import torch
+
+    grams = []
+    inputs = capture_inputs(model, calib, batch_size=calib.shape[0])
+    for block in decoder_layers(model):
+        x = torch.cat([hs.reshape(hs.shape[0], -1) for hs, _ in inputs]).double()
+        grams.append(x @ x.T)
+        inputs = run_block(block, inputs)
+    return grams
+
+
+def block_errors(model, calib: "torch.Tensor", dense_block: Callable[[int], "torch.nn.Module"]) -> list[float]:
+    """Relative output error of each (already compressed) block against a dense twin, on the same inputs.
+
+    `dense_block(i)` builds block i with the uncompressed weights; one is alive at a time.
+    """
+    inputs = capture_inputs(model, calib)
+    errors = []
+    for i, block in enumerate(decoder_layers(model)):
+        ref_block = dense_block(i).to(inputs[0][0].dtype)
+        reference = run_block(ref_block, inputs)
+        del ref_block
+        inputs = run_block(block, inputs)
+        errors.append(relative_error(reference, inputs))
+    return errors

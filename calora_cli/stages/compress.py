@@ -1,0 +1,236 @@
+"""`calora compress`: quantize or prune a base model, block by block, into a new model artifact."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from calora_cli.artifacts import atomic_output, check_output, data_input, open_artifact, safetensors_files, write_manifest
+from calora_cli.compress import METHODS, PRUNERS, QUANTIZERS, pruner
+from calora_cli.compress.masks import parse_pattern
+from calora_cli.data import read_text, tokenize_text
+from calora_cli.errors import CaloraError
+from calora_cli.models import load_model, load_tokenizer
+from calora_cli.progress import progress
+from calora_cli.stages.common import RunOptions, seed_everything
+
+
+@dataclass
+class CompressSpec:
+    method: str
+    sparsity: float | None = None
+    pattern: str = "unstructured"
+    allocation: str = "uniform"
+    rmi_delta: float | None = None
+    bits: int = 4
+    group_size: int = 128
+    calib: Path | None = None
+    calib_samples: int = 32
+    seq_len: int = 256
+    then: str | None = None
+
+    def check(self, config: dict) -> tuple[int, int] | None:
+        """Validate before any heavy work; return the N:M pattern (or None)."""
+        if self.method not in METHODS:
+            raise CaloraError(f"unknown --method {self.method!r} (choose from {', '.join(METHODS)})")
+        nm = None
+        if self.method in PRUNERS:
+            if config.get("quantization_config"):
+                q = config["quantization_config"].get("quant_method", "quantized")
+                raise CaloraError(f"the model is already quantized ({q}); prune the unquantized model, then quantize (--then gptq)")
+            nm = parse_pattern(self.pattern)
+            if nm is None:
+                if self.sparsity is None or not 0 < self.sparsity < 1:
+                    raise CaloraError(f"--sparsity must lie in (0, 1), got {self.sparsity}")
+            else:
+                implied = 1 - nm[0] / nm[1]
+                if self.sparsity is not None and abs(self.sparsity - implied) > 1e-9:
+                    raise CaloraError(f"--sparsity {self.sparsity} contradicts --pattern {self.pattern} ({implied:g} sparsity)")
+                self.sparsity = implied
+            if self.allocation not in ("uniform", "rmi"):
+                raise CaloraError(f"--allocation must be uniform or rmi, got {self.allocation!r}")
+            if self.allocation == "rmi" and nm is not None:
+                raise CaloraError("--allocation rmi sets per-layer rates; an N:M pattern fixes them: use one or the other")
+            if self.rmi_delta is not None and not 0 < self.rmi_delta < min(self.sparsity, 1 - self.sparsity):
+                raise CaloraError(f"--rmi-delta must lie in (0, {min(self.sparsity, 1 - self.sparsity):g}), got {self.rmi_delta}")
+            if self.then not in (None, "gptq"):
+                raise CaloraError(f"--then must be gptq (prune, then quantize), got {self.then!r}")
+        elif self.then is not None:
+            raise CaloraError("--then follows a pruning method (e.g. --method wanda --then gptq)")
+        if self.method == "gptq" or self.then == "gptq":
+            from calora_cli.compress.gptq import BITS, check_group_size
+
+            if self.bits not in BITS:
+                raise CaloraError(f"--bits must be 4 or 8 for gptq, got {self.bits}")
+            check_group_size(config, self.group_size)
+        needs_calib = self.method in ("wanda", "sparsegpt", "gptq") or self.then == "gptq" or self.allocation == "rmi"
+        if needs_calib and self.calib is None:
+            raise CaloraError(f"--method {self.method} needs calibration text: pass --calib FILE")
+        if self.calib_samples < 1 or self.seq_len < 2:
+            raise CaloraError("--calib-samples must be at least 1 and --seq-len at least 2")
+        return nm
+
+    def params(self) -> dict:
+        p = {k: getattr(self, k) for k in ("method", "calib_samples", "seq_len")}
+        if self.method in PRUNERS:
+            p.update(sparsity=self.sparsity, pattern=self.pattern, allocation=self.allocation, then=self.then)
+            if self.allocation == "rmi":
+                p["rmi_delta"] = self.rmi_delta
+        if self.method == "gptq" or self.then == "gptq":
+            p.update(bits=self.bits, group_size=self.group_size)
+        if self.method in ("rtn-int8", "nf4"):
+            p["bits"] = 8 if self.method == "rtn-int8" else 4
+        return p
+
+
+def calibration_batch(tokenizer, text: str, samples: int, seq_len: int, seed: int):
+    """`samples` windows of `seq_len` tokens at seeded random offsets of the text (as the references draw them)."""
+    import torch
+
+    ids = tokenize_text(tokenizer, text)
+    if ids.numel() < seq_len:
+        raise CaloraError(f"calibration text holds {ids.numel()} tokens, fewer than --seq-len {seq_len}")
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, ids.numel() - seq_len + 1, (samples,), generator=g)
+    return torch.stack([ids[s : s + seq_len] for s in starts.tolist()])
+
+
+def compress_model(model_dir: Path, out: Path, spec: CompressSpec, opts: RunOptions) -> dict:
+    check_output(out, opts.force)
+    src = open_artifact(model_dir, expect="model", role="model")
+    config = json.loads((src.path / "config.json").read_text())
+    nm = spec.check(config)
+    calib_text = read_text(spec.calib) if spec.calib is not None else None
+    tokenizer = load_tokenizer(src.path)
+    seed_everything(opts.seed)
+    calib = calibration_batch(tokenizer, calib_text, spec.calib_samples, spec.seq_len, opts.seed) if calib_text else None
+    t0 = time.time()
+    metrics: dict = {}
+
+    with atomic_output(out, opts.force) as tmp:
+        if spec.method in PRUNERS:
+            model = load_model(src.path, opts.device, opts.dtype)
+            metrics.update(_prune(model, calib, spec, nm, opts))
+            if spec.then == "gptq":
+                masks = _masks(model)
+                with tempfile.TemporaryDirectory(dir=tmp.parent, prefix=f"{out.name}.pruned-") as pruned_dir:
+                    model.save_pretrained(pruned_dir)
+                    del model
+                    model = _gptq(Path(pruned_dir), spec, tokenizer, calib, opts)
+                _reimpose_masks(model, masks, metrics)
+        elif spec.method == "gptq":
+            model = _gptq(src.path, spec, tokenizer, calib, opts)
+        else:
+            from calora_cli.compress import bnb
+
+            model = bnb.quantize(src.path, spec.method)
+        if spec.method in QUANTIZERS or spec.then:
+            metrics.update(_quantized_errors(model, src.path, calib, opts))
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if spec.method == "gptq" or spec.then == "gptq":
+            from calora_cli.compress.gptq import strip_calibration
+
+            strip_calibration(tmp / "config.json")
+        inputs = {"model": src.input_record()}
+        if spec.calib is not None:
+            inputs["calib"] = data_input(spec.calib)
+        write_manifest(tmp, kind="model", stage="compress", params=spec.params(), inputs=inputs,
+                       metrics=metrics, lineage=src.lineage)
+    size = sum(p.stat().st_size for p in safetensors_files(out))
+    return {"output": str(out), "method": spec.method, "seconds": round(time.time() - t0, 2), "weights_bytes": size,
+            **{k: v for k, v in metrics.items() if not isinstance(v, (dict, list))}}
+
+
+def _prune(model, calib, spec: CompressSpec, nm, opts: RunOptions) -> dict:
+    from calora_cli.compress import allocation
+    from calora_cli.compress.sequential import decoder_layers, input_grams, prune_sequential
+
+    n_blocks = len(decoder_layers(model))
+    if spec.allocation == "rmi":
+        delta = spec.rmi_delta if spec.rmi_delta is not None else allocation.default_delta(spec.sparsity)
+        spec.rmi_delta = delta
+        imp = allocation.importance(allocation.cka_matrix(input_grams(model, calib)))
+        rates = allocation.rmi(spec.sparsity, imp, delta)
+    else:
+        rates = allocation.uniform(spec.sparsity, n_blocks)
+    method = pruner(spec.method)
+    reports = []
+    with progress(f"{spec.method}", n_blocks, opts.show_progress) as advance:
+        for r in prune_sequential(model, calib, rates, method.prune, method.NEEDS, nm, on_block=advance):
+            reports.append(r)
+    zeros = total = 0
+    for block in decoder_layers(model):
+        for m in block.modules():
+            if type(m).__name__ == "Linear":
+                zeros += (m.weight == 0).sum().item()
+                total += m.weight.numel()
+    out = {
+        "sparsity": zeros / total,
+        "layer_rates": [r.rate for r in reports],
+        "layer_sparsity": [r.sparsity for r in reports],
+    }
+    if calib is not None:
+        out["block_rel_error"] = [r.rel_error for r in reports]
+        out["mean_block_rel_error"] = sum(out["block_rel_error"]) / len(reports)
+    return out
+
+
+def _gptq(src: Path, spec: CompressSpec, tokenizer, calib, opts: RunOptions):
+    from calora_cli.compress import gptq
+
+    texts = [tokenizer.decode(row) for row in calib]
+    with progress("gptq", None, opts.show_progress):
+        return gptq.quantize(src, spec.bits, spec.group_size, texts, tokenizer, opts.seed)
+
+
+def _masks(model) -> dict[str, "torch.Tensor"]:
+    """Keep-masks (weight != 0) of every linear in the decoder blocks, by module name."""
+    from calora_cli.compress.sequential import block_linears, decoder_layers
+
+    return {f"{i}.{name}": lin.weight != 0 for i, b in enumerate(decoder_layers(model)) for name, lin in block_linears(b).items()}
+
+
+def _reimpose_masks(model, masks: dict, metrics: dict) -> None:
+    """Put the pruned model's zeros back into the GPTQ codes; record how many GPTQ had filled."""
+    from calora_cli.compress.gptq import keep_zeros
+    from calora_cli.compress.sequential import decoder_layers
+
+    refilled = zeros = total = 0
+    for i, block in enumerate(decoder_layers(model)):
+        for name, m in block.named_modules():
+            if hasattr(m, "qweight"):
+                refilled += keep_zeros(m, masks[f"{i}.{name}"])
+                w = m.dequantize_weight()  # (in, out)
+                zeros += int((w == 0).sum())
+                total += w.numel()
+    metrics["gptq_refilled_zeros"] = refilled
+    metrics["sparsity"] = zeros / total
+
+
+def _quantized_errors(model, src: Path, calib, opts: RunOptions) -> dict:
+    """Relative output error of each quantized block against the same block with the source's weights."""
+    if calib is None:
+        return {}
+    from calora_cli.compress.sequential import block_errors
+
+    layer_cls = type(model.model.layers[0])
+    config = model.config
+
+    def dense_block(i: int):
+        from safetensors import safe_open
+
+        block = layer_cls(config, layer_idx=i)
+        prefix = f"model.layers.{i}."
+        state = {}
+        for f in safetensors_files(src):
+            with safe_open(f, framework="pt") as st:
+                state.update({k[len(prefix):]: st.get_tensor(k) for k in st.keys() if k.startswith(prefix)})
+        block.load_state_dict(state)
+        return block.eval()
+
+    errs = block_errors(model, calib, dense_block)
+    return {"block_rel_error": errs, "mean_block_rel_error": sum(errs) / len(errs)}

@@ -1,0 +1,216 @@
+"""`calora compress`: exact sparsity patterns, methods against direct formulas, quantized reloads."""
+
+import json
+
+import pytest
+import torch
+from helpers import one_line_error
+from safetensors.torch import load_file
+
+from calora_cli.compress import allocation, sparsegpt, wanda
+from calora_cli.compress.masks import nm_mask, row_mask
+from calora_cli.compress.sequential import InputStats
+
+CAL = ["--calib-samples", "8", "--seq-len", "64"]
+
+
+def _compress(cli, base, out, *args):
+    r = cli("compress", base, "-o", out, *args, "--json")
+    assert r.exit_code == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def _linears(path):
+    sd = load_file(path / "model.safetensors")
+    return {k: v for k, v in sd.items() if ".layers." in k and k.endswith("proj.weight")}
+
+
+def _manifest(path):
+    return json.loads((path / "calora.json").read_text())
+
+
+def test_wanda_half_zeros_in_every_row(cli, tiny_base, calib_text, tmp_path):
+    _compress(cli, tiny_base, tmp_path / "w", "--method", "wanda", "--sparsity", "0.5", "--calib", calib_text, *CAL)
+    lin = _linears(tmp_path / "w")
+    assert len(lin) == 14
+    for name, w in lin.items():
+        zeros_per_row = (w == 0).sum(dim=1)
+        assert (zeros_per_row == w.shape[1] // 2).all(), name
+
+
+def test_two_four_pattern_is_exact(cli, tiny_base, calib_text, tmp_path):
+    for method in ("wanda", "sparsegpt", "magnitude"):
+        out = tmp_path / method
+        _compress(cli, tiny_base, out, "--method", method, "--pattern", "2:4", "--calib", calib_text, *CAL)
+        for name, w in _linears(out).items():
+            groups = (w != 0).reshape(w.shape[0], -1, 4).sum(-1)
+            assert (groups == 2).all(), (method, name)
+        assert _manifest(out)["metrics"]["sparsity"] == 0.5
+
+
+def test_sparsegpt_beats_magnitude_on_block_error(cli, tiny_base, calib_text, tmp_path):
+    sg = _compress(cli, tiny_base, tmp_path / "sg", "--method", "sparsegpt", "--sparsity", "0.5", "--calib", calib_text, *CAL)
+    mag = _compress(cli, tiny_base, tmp_path / "mag", "--method", "magnitude", "--sparsity", "0.5", "--calib", calib_text, *CAL)
+    assert sg["sparsity"] == mag["sparsity"] == 0.5
+    assert sg["mean_block_rel_error"] < mag["mean_block_rel_error"]
+    errs_sg = _manifest(tmp_path / "sg")["metrics"]["block_rel_error"]
+    errs_mag = _manifest(tmp_path / "mag")["metrics"]["block_rel_error"]
+    assert all(a < b for a, b in zip(errs_sg, errs_mag))
+
+
+def test_wanda_scores_match_the_formula():
+    torch.manual_seed(0)
+    W = torch.randn(6, 8)
+    X = torch.randn(3, 5, 8) * torch.arange(1, 9)  # features of very different scale
+    stats = InputStats("norms")
+    for x in X:
+        stats.add(x)
+    direct = W.abs() * torch.linalg.norm(X.reshape(-1, 8), dim=0)  # |W_ij| * ||X_j||_2
+    got = wanda.scores(W, stats.sq_mean) * (15**0.5)  # the mean over 15 tokens is a constant factor
+    assert torch.allclose(got, direct, rtol=1e-5)
+    pruned = wanda.prune(W, stats, 0.5, None)
+    keep = direct >= direct.sort(dim=1).values[:, 4:5]
+    assert torch.equal(pruned != 0, keep)
+
+
+def test_masks_exact_counts():
+    s = torch.rand(16, 32)
+    assert ((~row_mask(s, 0.25)).sum(1) == 8).all()
+    m = nm_mask(s, 2, 8)
+    assert (m.reshape(16, 4, 8).sum(-1) == 2).all()
+    top = s.reshape(16, 4, 8).topk(2, dim=-1).indices
+    assert m.reshape(16, 4, 8).gather(-1, top).all()
+
+
+def test_sparsegpt_with_identity_hessian_is_magnitude_per_block():
+    """With H = I, the OBS update changes nothing and the score is |w|: SparseGPT = magnitude."""
+    torch.manual_seed(0)
+    W = torch.randn(4, 16)
+
+    class S:
+        hessian = torch.eye(16)
+
+    got = sparsegpt.prune(W, S, 0.5, None, damp=0.0)
+    thresh = W.abs().flatten().sort().values[31]
+    assert torch.equal(got, torch.where(W.abs() > thresh, W, torch.zeros_like(W)))
+
+
+def test_rmi_allocation_on_a_four_block_model(cli, deep_base, calib_text, tmp_path):
+    s = _compress(cli, deep_base, tmp_path / "r", "--method", "wanda", "--sparsity", "0.5", "--allocation", "rmi",
+                  "--rmi-delta", "0.05", "--calib", calib_text, *CAL)
+    rates = _manifest(tmp_path / "r")["metrics"]["layer_rates"]
+    assert len(set(rates)) > 1 and sorted(rates) == pytest.approx([0.45, 0.45, 0.55, 0.55])
+    assert abs(sum(rates) / len(rates) - 0.5) < 0.005
+    assert abs(s["sparsity"] - 0.5) < 0.005
+
+
+def test_rmi_prunes_redundant_blocks_more():
+    torch.manual_seed(0)
+    base = torch.randn(10, 50)
+    # blocks 0-2 see nearly the same representation; block 3 a different one
+    grams = [(base + 0.01 * torch.randn(10, 50)) for _ in range(3)] + [torch.randn(10, 50)]
+    grams = [(x @ x.T).double() for x in grams]
+    imp = allocation.importance(allocation.cka_matrix(grams))
+    assert imp[3] == max(imp)
+    rates = allocation.rmi(0.5, imp, 0.02)
+    assert rates[3] == pytest.approx(0.48) and sum(rates) / 4 == pytest.approx(0.5)
+
+
+def test_same_seed_same_bytes(cli, tiny_base, calib_text, tmp_path):
+    for run in ("a", "b"):
+        _compress(cli, tiny_base, tmp_path / run, "--method", "sparsegpt", "--sparsity", "0.6", "--calib", calib_text, *CAL, "--seed", "5")
+    for name in ("model.safetensors", "config.json", "calora.json"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+
+
+def _ppl(path, text):
+    from calora_cli.data import tokenize_text
+    from calora_cli.evaluation.perplexity import perplexity
+    from calora_cli.models import load_model, load_tokenizer
+
+    model = load_model(path)
+    return perplexity(model, tokenize_text(load_tokenizer(path), text), seq_len=64).perplexity
+
+
+@pytest.mark.parametrize("method, extra", [("gptq", ["--bits", "4", "--group-size", "32"]), ("nf4", [])])
+def test_quantized_model_reloads_and_stays_close(cli, tiny_base, calib_text, small_text, tmp_path, method, extra):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / method
+    s = _compress(cli, tiny_base, out, "--method", method, *extra, "--calib", calib_text, *CAL)
+    model = AutoModelForCausalLM.from_pretrained(out, device_map="cpu")
+    assert model(torch.randint(0, 500, (1, 8))).logits.isfinite().all()
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["quantization_config"]["quant_method"] in ("gptq", "bitsandbytes")
+    assert "To be, or not" not in (out / "config.json").read_text()  # no calibration text copied in
+    text = small_text.read_text()[:8000]
+    before, after = _ppl(tiny_base, text), _ppl(out, text)
+    assert abs(after / before - 1) < 0.05, (before, after)
+    assert s["weights_bytes"] < (tiny_base / "model.safetensors").stat().st_size
+    assert 0 < s["mean_block_rel_error"] < 0.05
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--method", "wanda", "--sparsity", "1.5"], "--sparsity must lie in (0, 1)"),
+        (["--method", "wanda", "--sparsity", "0"], "--sparsity must lie in (0, 1)"),
+        (["--method", "magnitude", "--pattern", "4:4"], "N:M needs 0 < N < M"),
+        (["--method", "magnitude", "--pattern", "2:three"], "--pattern must be"),
+        (["--method", "gptq", "--group-size", "48"], "--group-size 48 does not divide the 64 input features"),
+        (["--method", "gptq", "--bits", "3"], "--bits must be 4 or 8"),
+        (["--method", "zip"], "unknown --method 'zip'"),
+        (["--method", "wanda", "--sparsity", "0.5"], "needs calibration text"),
+        (["--method", "wanda", "--pattern", "2:4", "--allocation", "rmi"], "use one or the other"),
+    ],
+)
+def test_bad_compress_options(cli, tiny_base, calib_text, tmp_path, args, message):
+    extra = [] if "needs calibration" in message else ["--calib", calib_text]
+    line = one_line_error(cli("compress", tiny_base, "-o", tmp_path / "out", *args, *extra))
+    assert message in line
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_empty_calibration_and_quantized_input(cli, tiny_base, calib_text, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    assert "is empty" in one_line_error(cli("compress", tiny_base, "-o", tmp_path / "o", "--method", "wanda", "--sparsity", "0.5", "--calib", empty))
+    _compress(cli, tiny_base, tmp_path / "q", "--method", "nf4")
+    line = one_line_error(cli("compress", tmp_path / "q", "-o", tmp_path / "o", "--method", "magnitude", "--sparsity", "0.5"))
+    assert "already quantized" in line
+    assert not (tmp_path / "o").exists()
+
+
+def _gptq_dense_weights(path):
+    """Dequantized (out, in) weights of every GPTQ linear, reloaded from disk by transformers."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, device_map="cpu")
+    out = {}
+    for name, m in model.named_modules():
+        if hasattr(m, "qweight"):
+            out[name] = m.dequantize_weight().T.float()
+    return out
+
+
+def test_prune_then_gptq_keeps_the_zeros(cli, tiny_base, calib_text, tmp_path):
+    _compress(cli, tiny_base, tmp_path / "pruned", "--method", "wanda", "--pattern", "2:4", "--calib", calib_text, *CAL)
+    s = _compress(cli, tiny_base, tmp_path / "both", "--method", "wanda", "--pattern", "2:4", "--calib", calib_text,
+                  *CAL, "--then", "gptq", "--group-size", "32")
+    pruned = {k.removesuffix(".weight"): v for k, v in _linears(tmp_path / "pruned").items()}
+    deq = _gptq_dense_weights(tmp_path / "both")
+    assert set(deq) == set(pruned)
+    for name, w in deq.items():
+        assert (w[pruned[name] == 0] == 0).all(), name  # every pruned weight is exactly zero
+        assert ((w != 0).reshape(w.shape[0], -1, 4).sum(-1) <= 2).all(), name
+    m = _manifest(tmp_path / "both")
+    assert m["params"]["then"] == "gptq" and m["metrics"]["sparsity"] >= 0.5
+    assert m["metrics"]["gptq_refilled_zeros"] > 0  # GPTQ alone would have filled them
+    assert 0 < s["mean_block_rel_error"] < 0.2
+
+
+def test_gptq_is_deterministic(cli, tiny_base, calib_text, tmp_path):
+    for run in ("a", "b"):
+        _compress(cli, tiny_base, tmp_path / run, "--method", "gptq", "--group-size", "32", "--calib", calib_text, *CAL)
+    for name in ("model.safetensors", "config.json", "calora.json"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
