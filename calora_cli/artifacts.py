@@ -28,6 +28,9 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 # A safetensors header above this is not a real header (the format's own reader caps it at 100 MB).
 MAX_HEADER_BYTES = 100_000_000
 _CHUNK = 1 << 20
+# Header and size alone cannot tell apart two models of the same shapes (a base and its
+# fine-tune), so the fingerprint also reads this many evenly spaced samples of the tensor bytes.
+SAMPLES, SAMPLE_BYTES = 16, 4096
 
 
 # --- safetensors headers ---------------------------------------------------------------------
@@ -96,18 +99,24 @@ def _artifact_files(root: Path) -> list[Path]:
 def fingerprint(root: Path) -> str:
     """A cheap identity of an artifact's contents.
 
-    Small files are hashed whole; a safetensors file contributes its header and size only, so a
-    100 GB model fingerprints in milliseconds. `full_hashes` is the expensive check.
+    Small files are hashed whole; a safetensors file contributes its header, its size and 16
+    samples of 4 KiB spread over its tensor data, so a 100 GB model fingerprints in milliseconds.
+    `full_hashes` is the expensive, exact check.
     """
     h = hashlib.sha256()
     for p in _artifact_files(root):
         rel = p.relative_to(root).as_posix()
         h.update(rel.encode() + b"\0")
         if p.suffix == ".safetensors":
+            size = p.stat().st_size
             with open(p, "rb") as f:
                 (n,) = struct.unpack("<Q", f.read(8))
                 h.update(f.read(n))
-            h.update(str(p.stat().st_size).encode())
+                h.update(str(size).encode())
+                start, span = 8 + n, max(0, size - 8 - n - SAMPLE_BYTES)
+                for k in range(SAMPLES):
+                    f.seek(start + span * k // (SAMPLES - 1))
+                    h.update(f.read(SAMPLE_BYTES))
         else:
             h.update(p.read_bytes())
         h.update(b"\0")
@@ -324,6 +333,20 @@ def write_manifest(
         manifest["extra_files"] = extra_files
     (root / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=_json_default) + "\n")
     return manifest
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write a JSON file via a temp file in the same directory and a rename (never half-written)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def _json_default(o: Any) -> Any:

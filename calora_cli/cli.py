@@ -230,9 +230,9 @@ def eval_(
         limit=limit,
     )
     if output is not None:
-        tmp = output.with_name(f".{output.name}.tmp")
-        tmp.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, output)
+        from calora_cli.artifacts import write_json_atomic
+
+        write_json_atomic(output, result)
     _emit(result, json_)
 
 
