@@ -330,9 +330,15 @@ def recover(
 @app.command("sparsify-adapter")
 @command
 def sparsify_adapter(
-    adapter: Annotated[Path, typer.Argument(help="A LoRA (or NOLA) adapter.")],
+    adapter: Annotated[Path, typer.Argument(help="A LoRA adapter (trained on the dense model).")],
     base: Annotated[Path, typer.Option("--base", help="The sparse (pruned) base model.")],
     output: Output,
+    data: Annotated[Optional[Path], typer.Option("--data", help="Fine-tune masked (LoSA) on this text or JSONL.")] = None,
+    steps: Annotated[int, typer.Option("--steps")] = 100,
+    lr: Annotated[float, typer.Option("--lr")] = 1e-3,
+    batch_size: Annotated[int, typer.Option("--batch-size")] = 8,
+    seq_len: Annotated[int, typer.Option("--seq-len")] = 256,
+    allow_base_mismatch: AllowMismatch = False,
     seed: Seed = 0,
     device: Device = "cpu",
     dtype: Dtype = "float32",
@@ -341,23 +347,40 @@ def sparsify_adapter(
     quiet: Quiet = False,
     debug: Debug = False,
 ) -> None:
-    """LoSA: mask an adapter to a sparse base's zeros (optionally fine-tune it masked). [not built yet: #5]"""
-    raise NotBuiltYet("sparsify-adapter", 5)
+    """LoSA: mask an adapter's delta to a sparse base's non-zeros (with --data: fine-tune it masked), so it merges without filling zeros."""
+    from calora_cli.stages.sparsify import sparsify_adapter as run
+    from calora_cli.train import TrainConfig
+
+    cfg = TrainConfig(steps=steps, lr=lr, batch_size=batch_size, seq_len=seq_len, seed=seed) if data else None
+    _emit(run(adapter, base, output, _opts(device, dtype, seed, force, quiet, allow_base_mismatch), data=data, cfg=cfg), json_)
 
 
 @app.command()
 @command
 def merge(
-    base: Annotated[Path, typer.Argument(help="Base model directory.")],
+    base: Annotated[Path, typer.Argument(help="Base model directory (dense or pruned).")],
     adapter: Annotated[list[Path], typer.Option("--adapter", help="Adapter to fold in; repeatable.")],
     output: Output,
+    weights: Annotated[Optional[str], typer.Option("--weights", help="Comma list, one weight per adapter (default 1 each).")] = None,
+    keep_sparsity: Annotated[
+        bool, typer.Option("--keep-sparsity", help="Mask the deltas with the base's non-zeros (automatic for sparsified adapters).")
+    ] = False,
+    allow_base_mismatch: AllowMismatch = False,
     force: Force = False,
     json_: Json = False,
     quiet: Quiet = False,
     debug: Debug = False,
 ) -> None:
-    """Fold adapters into a base: dense, sparse (zeros kept) or GPTQ (re-quantized). [not built yet: #5]"""
-    raise NotBuiltYet("merge", 5)
+    """Fold adapters into a base, one tensor at a time: W + sum_k w_k s_k B_k A_k (masked to the base's zeros with --keep-sparsity)."""
+    from calora_cli.stages.merge import merge as run
+
+    wlist = None
+    if weights is not None:
+        try:
+            wlist = [float(w) for w in weights.split(",")]
+        except ValueError:
+            raise CaloraError(f"--weights must be a comma list of numbers, got {weights!r}") from None
+    _emit(run(base, adapter, output, _opts(force=force, quiet=quiet, allow=allow_base_mismatch), weights=wlist, keep_sparsity=keep_sparsity), json_)
 
 
 def main() -> None:

@@ -35,8 +35,6 @@ def test_python_dash_m_works():
         
         (["inherit", "a", "--base", "b", "-o", "o"], 4),
         (["recover", "a", "--base", "b", "--teacher", "t", "--teacher-adapter", "l", "--data", "d", "-o", "o"], 4),
-        (["sparsify-adapter", "a", "--base", "b", "-o", "o"], 5),
-        (["merge", "b", "--adapter", "a", "-o", "o"], 5),
     ],
 )
 def test_unfinished_commands_say_so(cli, args, issue):

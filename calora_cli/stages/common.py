@@ -7,6 +7,9 @@ from pathlib import Path
 from typing import Callable
 
 from calora_cli.artifacts import Artifact, check_adapter_base, open_artifact
+from calora_cli.errors import CaloraError
+
+MASKS_FILE = "masks.safetensors"
 
 
 @dataclass
@@ -41,3 +44,51 @@ def open_model_and_adapter(model: Path, adapter: Path | None, opts: RunOptions) 
         if note:
             opts.warn(note)
     return model_art, adapter_art
+
+
+def read_lora(adapter: Artifact):
+    """The LoRA factors of an adapter artifact (safetensors only), and whether it is LoSA-masked."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from calora_cli.adapters.lora import factors_from_state
+
+    config = json.loads((adapter.path / "adapter_config.json").read_text())
+    weights = adapter.path / "adapter_model.safetensors"
+    if not weights.exists():
+        raise CaloraError(f"adapter {adapter.path} has no adapter_model.safetensors")
+    factors = factors_from_state(load_file(weights), config)
+    return factors, is_masked(adapter)
+
+
+def is_masked(adapter: Artifact) -> bool:
+    return bool((adapter.manifest or {}).get("params", {}).get("masked"))
+
+
+def stored_masks(adapter: Artifact) -> dict:
+    """The packed LoSA masks a sparsified adapter carries, unpacked, by module name."""
+    import json
+
+    from safetensors import safe_open
+
+    from calora_cli.adapters.masked import unpack
+
+    path = adapter.path / MASKS_FILE
+    if not path.exists():
+        raise CaloraError(f"masked adapter {adapter.path} lacks {MASKS_FILE}")
+    with safe_open(path, framework="pt") as f:
+        shapes = json.loads(f.metadata()["shapes"])
+        return {name: unpack(f.get_tensor(name), tuple(shapes[name])) for name in f.keys()}
+
+
+def attach_adapter(model, adapter: Artifact, trainable: bool = False):
+    """Load an adapter onto a model the way its kind needs (plain peft LoRA, or LoSA-masked)."""
+    from calora_cli.models import load_adapter
+
+    peft_model = load_adapter(model, adapter.path, trainable=trainable)
+    if is_masked(adapter):
+        from calora_cli.adapters.masked import apply_masks
+
+        apply_masks(peft_model, stored_masks(adapter))
+    return peft_model

@@ -1,0 +1,1 @@
+"""Adapter math, free of I/O: LoRA deltas, masks for sparse bases."""
