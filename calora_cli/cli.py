@@ -20,7 +20,7 @@ from typing import Annotated, Any, Callable, Optional
 import typer
 
 from calora_cli import __version__
-from calora_cli.errors import CaloraError, NotBuiltYet
+from calora_cli.errors import CaloraError
 
 app = typer.Typer(
     name="calora",
@@ -294,7 +294,7 @@ def compress(
 @command
 def inherit(
     adapter: Annotated[Path, typer.Argument(help="The existing LoRA, trained on the uncompressed model.")],
-    base: Annotated[Path, typer.Option("--base", help="The compressed model.")],
+    base: Annotated[Path, typer.Option("--base", help="The compressed model (GPTQ, NF4/int8 or pruned).")],
     output: Output,
     allow_base_mismatch: AllowMismatch = False,
     force: Force = False,
@@ -302,19 +302,34 @@ def inherit(
     quiet: Quiet = False,
     debug: Debug = False,
 ) -> None:
-    """CA-LoRA knowledge inheritance: carry an existing LoRA onto a compressed model. [not built yet: #4]"""
-    raise NotBuiltYet("inherit", 4)
+    """CA-LoRA knowledge inheritance: carry an existing LoRA's A and B onto a compressed model."""
+    from calora_cli.stages.inherit import inherit as run
+
+    _emit(run(adapter, base, output, _opts(force=force, quiet=quiet, allow=allow_base_mismatch)), json_)
 
 
 @app.command()
 @command
 def recover(
-    adapter: Annotated[Path, typer.Argument(help="The inherited adapter.")],
+    adapter: Annotated[Path, typer.Argument(help="The inherited adapter (calora inherit).")],
     base: Annotated[Path, typer.Option("--base", help="The compressed model.")],
     teacher: Annotated[Path, typer.Option("--teacher", help="The uncompressed model.")],
-    teacher_adapter: Annotated[Path, typer.Option("--teacher-adapter", help="The original LoRA.")],
-    data: Annotated[Path, typer.Option("--data", help="Training text or JSONL.")],
+    teacher_adapter: Annotated[Path, typer.Option("--teacher-adapter", help="The original LoRA, on the teacher.")],
+    data: Annotated[Path, typer.Option("--data", help="Training text (.txt) or {prompt, completion} JSONL.")],
     output: Output,
+    steps: Annotated[int, typer.Option("--steps")] = 200,
+    lr: Annotated[float, typer.Option("--lr")] = 1e-3,
+    batch_size: Annotated[int, typer.Option("--batch-size")] = 8,
+    seq_len: Annotated[int, typer.Option("--seq-len")] = 256,
+    distill: Annotated[str, typer.Option("--distill", help="hidden (final hidden-state MSE, as CA-LoRA), logits (KL), or both.")] = "hidden",
+    distill_weight: Annotated[float, typer.Option("--distill-weight", help="beta: loss = CE + beta * distillation.")] = 1.0,
+    temperature: Annotated[float, typer.Option("--temperature", help="Softmax temperature of the logit KL.")] = 1.0,
+    recovery_dim: Annotated[
+        Optional[int], typer.Option("--recovery-dim", help="Recovery module rank (default: the LoRA rank; 0: none, inheritance only).")
+    ] = None,
+    checkpoint_every: Annotated[int, typer.Option("--checkpoint-every", help="Save a resumable state every N steps in OUT.ckpt/.")] = 50,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT.ckpt/ of an interrupted run.")] = False,
+    allow_base_mismatch: AllowMismatch = False,
     seed: Seed = 0,
     device: Device = "cpu",
     dtype: Dtype = "float32",
@@ -323,8 +338,14 @@ def recover(
     quiet: Quiet = False,
     debug: Debug = False,
 ) -> None:
-    """CA-LoRA knowledge recovery: train LoRA + recovery modules by distillation from the teacher. [not built yet: #4]"""
-    raise NotBuiltYet("recover", 4)
+    """CA-LoRA knowledge recovery: train the inherited LoRA + recovery modules by distillation from the teacher."""
+    from calora_cli.stages.recover import RecoverSpec, recover as run
+    from calora_cli.train import TrainConfig
+
+    cfg = TrainConfig(steps=steps, lr=lr, batch_size=batch_size, seq_len=seq_len, seed=seed)
+    spec = RecoverSpec(distill, distill_weight, temperature, recovery_dim, checkpoint_every, resume)
+    opts = _opts(device, dtype, seed, force, quiet, allow_base_mismatch)
+    _emit(run(adapter, base, teacher, teacher_adapter, data, output, cfg, spec, opts), json_)
 
 
 @app.command("sparsify-adapter")

@@ -6,9 +6,3 @@ class CaloraError(Exception):
 
     exit_code = 2
 
-
-class NotBuiltYet(CaloraError):
-    """A command whose implementation lands in a later issue."""
-
-    def __init__(self, command: str, issue: int):
-        super().__init__(f"`calora {command}` is not built yet (tracked in issue #{issue})")

@@ -7,9 +7,12 @@
 
 from __future__ import annotations
 
+import json
 import math
+import os
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Callable, Iterable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 from calora_cli.errors import CaloraError
 
@@ -63,6 +66,63 @@ def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
     return f
 
 
+@dataclass
+class Checkpoints:
+    """Save the training state every `every` steps into `directory`; resume from it when asked.
+
+    Everything is written as safetensors + JSON (no pickle), atomically, so a kill at any moment
+    leaves either the previous checkpoint or the new one.
+    """
+
+    directory: Path
+    every: int
+    run: dict[str, Any]  # what the run was started with; a resume with other settings is refused
+
+    FILE = "state.safetensors"
+
+    def save(self, step: int, params, opt, sched, losses: list[float]) -> None:
+        from safetensors.torch import save_file
+
+        sd = opt.state_dict()
+        tensors = {f"param.{i}": p.detach().contiguous() for i, p in enumerate(params)}
+        for idx, st in sd["state"].items():
+            for k, v in st.items():
+                tensors[f"opt.{idx}.{k}"] = v.detach().contiguous() if hasattr(v, "detach") else _t(v)
+        meta = {"step": step, "run": self.run, "param_groups": sd["param_groups"], "sched": sched.state_dict(), "losses": losses}
+        self.directory.mkdir(parents=True, exist_ok=True)
+        tmp = self.directory / (self.FILE + ".tmp")
+        save_file(tensors, tmp, metadata={"meta": json.dumps(meta)})
+        os.replace(tmp, self.directory / self.FILE)
+
+    def load(self, params, opt, sched) -> tuple[int, list[float]]:
+        from safetensors import safe_open
+
+        path = self.directory / self.FILE
+        if not path.exists():
+            return 0, []
+        with safe_open(path, framework="pt") as f:
+            meta = json.loads(f.metadata()["meta"])
+            if meta["run"] != self.run:
+                raise CaloraError(f"checkpoint in {self.directory} is from a run with other settings; rerun without --resume")
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        for i, p in enumerate(params):
+            p.data.copy_(tensors[f"param.{i}"])
+        state: dict = {}
+        for k, v in tensors.items():
+            if k.startswith("opt."):
+                _, idx, name = k.split(".", 2)
+                state.setdefault(int(idx), {})[name] = v
+        opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+        sched.load_state_dict(meta["sched"])
+        return meta["step"], meta["losses"]
+
+
+def _t(v):
+    import torch
+
+    return torch.tensor(v)
+
+
 def train_loop(
     model: "torch.nn.Module",
     params: Iterable["torch.nn.Parameter"],
@@ -71,10 +131,14 @@ def train_loop(
     loss_fn: LossFn = causal_lm_loss,
     after_step: Callable[[int], None] | None = None,
     on_step: Callable[..., None] | None = None,
+    checkpoints: Checkpoints | None = None,
+    resume: bool = False,
 ) -> dict[str, float]:
     """Train `params` of `model` for cfg.steps batches of `data`; return loss metrics.
 
     Refuses to go on when the loss stops being finite (a NaN would otherwise be written out).
+    With `checkpoints`, saves the state every N steps; with `resume`, continues from the last one
+    (the data stream is replayed to the same position, so the result equals an uninterrupted run).
     """
     import torch
 
@@ -83,9 +147,13 @@ def train_loop(
         raise CaloraError("nothing to train: no trainable parameters")
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
+    start, losses = (checkpoints.load(params, opt, sched) if checkpoints and resume else (0, []))
+    for _ in range(start):
+        next(data)
+    if on_step is not None and start:
+        on_step(start)
     model.train()
-    losses: list[float] = []
-    for step in range(cfg.steps):
+    for step in range(start, cfg.steps):
         batch = next(data)
         batch = {k: v.to(params[0].device) for k, v in batch.items()}
         loss, logs = loss_fn(model, batch)
@@ -102,6 +170,8 @@ def train_loop(
         losses.append(loss.item())
         if on_step is not None:
             on_step(1, **logs)
+        if checkpoints is not None and (step + 1) % checkpoints.every == 0 and step + 1 < cfg.steps:
+            checkpoints.save(step + 1, params, opt, sched, losses)
     model.eval()
     tail = losses[-max(1, min(10, len(losses) // 5)) :]
     return {"first_loss": losses[0], "final_loss": sum(tail) / len(tail), "steps": len(losses)}

@@ -29,19 +29,6 @@ def test_python_dash_m_works():
     assert out.returncode == 0 and out.stdout.startswith("calora ")
 
 
-@pytest.mark.parametrize(
-    "args, issue",
-    [
-        
-        (["inherit", "a", "--base", "b", "-o", "o"], 4),
-        (["recover", "a", "--base", "b", "--teacher", "t", "--teacher-adapter", "l", "--data", "d", "-o", "o"], 4),
-    ],
-)
-def test_unfinished_commands_say_so(cli, args, issue):
-    line = one_line_error(cli(*args))
-    assert f"not built yet (tracked in issue #{issue})" in line
-
-
 def test_errors_are_one_line_in_a_real_process(tmp_path):
     """No traceback from the installed entry point either (not just in-process)."""
     out = subprocess.run(

@@ -10,6 +10,7 @@ from calora_cli.artifacts import Artifact, check_adapter_base, open_artifact
 from calora_cli.errors import CaloraError
 
 MASKS_FILE = "masks.safetensors"
+RECOVERY_FILE = "recovery.safetensors"
 
 
 @dataclass
@@ -82,8 +83,13 @@ def stored_masks(adapter: Artifact) -> dict:
         return {name: unpack(f.get_tensor(name), tuple(shapes[name])) for name in f.keys()}
 
 
+def has_recovery(adapter: Artifact) -> bool:
+    return RECOVERY_FILE in (adapter.manifest or {}).get("extra_files", {})
+
+
 def attach_adapter(model, adapter: Artifact, trainable: bool = False):
-    """Load an adapter onto a model the way its kind needs (plain peft LoRA, or LoSA-masked)."""
+    """Load an adapter onto a model the way its kind needs: plain peft LoRA, LoSA-masked, or with
+    CA-LoRA recovery modules."""
     from calora_cli.models import load_adapter
 
     peft_model = load_adapter(model, adapter.path, trainable=trainable)
@@ -91,4 +97,13 @@ def attach_adapter(model, adapter: Artifact, trainable: bool = False):
         from calora_cli.adapters.masked import apply_masks
 
         apply_masks(peft_model, stored_masks(adapter))
+    if has_recovery(adapter):
+        from safetensors.torch import load_file
+
+        from calora_cli.adapters import recovery
+
+        params = adapter.manifest["params"]
+        modules = recovery.attach(peft_model, params["recovery_dim"], params["recovery_alpha"])
+        recovery.load_state(modules, load_file(adapter.path / RECOVERY_FILE))
+        modules.requires_grad_(trainable)
     return peft_model

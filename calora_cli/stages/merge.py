@@ -9,7 +9,7 @@ from pathlib import Path
 from calora_cli.artifacts import MANIFEST, atomic_output, check_adapter_base, check_output, open_artifact, write_manifest
 from calora_cli.errors import CaloraError
 from calora_cli.progress import progress
-from calora_cli.stages.common import RunOptions, read_lora
+from calora_cli.stages.common import RunOptions, has_recovery, read_lora
 from calora_cli.tensor_io import rewrite, tensor_names
 
 
@@ -29,6 +29,12 @@ def merge(base: Path, adapters: list[Path], out: Path, opts: RunOptions, weights
             "then `calora compress` the merged model"
         )
     arts = [open_artifact(a, expect="adapter", role="adapter") for a in adapters]
+    for art in arts:
+        if has_recovery(art):
+            raise CaloraError(
+                f"adapter {art.path} carries CA-LoRA recovery modules, which are non-linear (GELU) and cannot be folded "
+                "into weights; deploy the compressed model with the adapter attached (calora eval --adapter)"
+            )
     plan: dict[str, list] = {}
     masked_any = False
     for art, w in zip(arts, weights):

@@ -1,0 +1,141 @@
+"""`calora recover`: CA-LoRA knowledge recovery on a compressed model.
+
+Student: compressed model + inherited LoRA (trainable) + recovery modules beside every block
+linear (trainable, output layer at zero). Teacher: uncompressed model + original LoRA, frozen, run
+on the same batch. Loss = task cross-entropy + beta * distillation (final hidden state MSE, as the
+reference code, and/or temperature-scaled logit KL). Training goes through the one loop in
+train.py, which it extends with this loss; nothing is copied.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from calora_cli.artifacts import atomic_output, check_adapter_base, check_output, data_input, open_artifact, write_manifest
+from calora_cli.errors import CaloraError
+from calora_cli.progress import progress
+from calora_cli.stages.common import RECOVERY_FILE, RunOptions, attach_adapter, seed_everything
+from calora_cli.train import Checkpoints, TrainConfig, train_loop
+
+DISTILL = ("hidden", "logits", "both")
+
+
+@dataclass
+class RecoverSpec:
+    distill: str = "hidden"
+    distill_weight: float = 1.0
+    temperature: float = 1.0
+    recovery_dim: int | None = None  # default: the LoRA rank; 0: no recovery modules
+    checkpoint_every: int = 50
+    resume: bool = False
+
+    def check(self) -> None:
+        if self.distill not in DISTILL:
+            raise CaloraError(f"--distill must be one of {', '.join(DISTILL)}, got {self.distill!r}")
+        if self.distill_weight < 0:
+            raise CaloraError(f"--distill-weight must be >= 0, got {self.distill_weight}")
+        if self.temperature <= 0:
+            raise CaloraError(f"--temperature must be positive, got {self.temperature}")
+        if self.recovery_dim is not None and self.recovery_dim < 0:
+            raise CaloraError(f"--recovery-dim must be >= 0, got {self.recovery_dim}")
+        if self.checkpoint_every < 1:
+            raise CaloraError(f"--checkpoint-every must be at least 1, got {self.checkpoint_every}")
+
+
+def distill_terms(student_out, teacher_out, mask, spec: RecoverSpec):
+    """Distillation loss over real (non-padding) tokens: hidden-state MSE and/or logit KL * T^2."""
+    import torch.nn.functional as F
+
+    m = mask.to(student_out.logits.dtype)
+    n = m.sum().clamp(min=1)
+    total = 0.0
+    if spec.distill in ("hidden", "both"):
+        hs, ht = student_out.hidden_states[-1], teacher_out.hidden_states[-1]
+        total = total + (((hs.float() - ht.float()) ** 2).mean(-1) * m).sum() / n
+    if spec.distill in ("logits", "both"):
+        T = spec.temperature
+        log_s = F.log_softmax(student_out.logits.float() / T, -1)
+        log_t = F.log_softmax(teacher_out.logits.float() / T, -1)
+        kl = (log_t.exp() * (log_t - log_s)).sum(-1)
+        total = total + (kl * m).sum() / n * T * T
+    return total
+
+
+def make_loss(teacher, spec: RecoverSpec):
+    import torch
+
+    def loss_fn(model, batch):
+        hidden = spec.distill in ("hidden", "both")
+        out = model(**batch, output_hidden_states=hidden)
+        ce = out.loss
+        if spec.distill_weight == 0:
+            return ce, {"ce": ce.item()}
+        with torch.no_grad():
+            t = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=hidden)
+        d = distill_terms(out, t, batch["attention_mask"], spec)
+        return ce + spec.distill_weight * d, {"ce": ce.item(), "distill": float(d)}
+
+    return loss_fn
+
+
+def recover(adapter: Path, base: Path, teacher: Path, teacher_adapter: Path, data: Path, out: Path,
+            cfg: TrainConfig, spec: RecoverSpec, opts: RunOptions, _stop_after: int | None = None) -> dict:
+    from safetensors.torch import save_file
+
+    from calora_cli.adapters import recovery
+    from calora_cli.data import batches, load_examples
+    from calora_cli.models import load_model, load_tokenizer
+
+    check_output(out, opts.force)
+    cfg.check()
+    spec.check()
+    ad = open_artifact(adapter, expect="adapter", role="adapter")
+    base_art = open_artifact(base, expect="model", role="base")
+    t_art = open_artifact(teacher, expect="model", role="teacher")
+    ta = open_artifact(teacher_adapter, expect="adapter", role="teacher adapter")
+    for a, m in ((ad, base_art), (ta, t_art)):
+        note = check_adapter_base(a, m, opts.allow_base_mismatch)
+        if note:
+            opts.warn(note)
+    if t_art.fingerprint not in base_art.lineage and not opts.allow_base_mismatch:
+        raise CaloraError(f"{base} was not compressed from the teacher {teacher}; pass --allow-base-mismatch to use it anyway")
+    examples = load_examples(data, load_tokenizer(base_art.path), cfg.seq_len)
+
+    seed_everything(cfg.seed)
+    teacher_model = attach_adapter(load_model(t_art.path, opts.device, opts.dtype), ta)
+    teacher_model.requires_grad_(False).eval()
+    student = attach_adapter(load_model(base_art.path, opts.device, opts.dtype), ad, trainable=True)
+    lora_cfg = student.peft_config["default"]
+    rank = spec.recovery_dim if spec.recovery_dim is not None else lora_cfg.r
+    modules = recovery.attach(student, rank, lora_cfg.lora_alpha, seed=cfg.seed) if rank else None
+
+    run = {**cfg.as_params(), "distill": spec.distill, "distill_weight": spec.distill_weight,
+           "temperature": spec.temperature, "recovery_dim": rank, "recovery_alpha": lora_cfg.lora_alpha}
+    ckpt = Checkpoints(out.with_name(out.name + ".ckpt"), spec.checkpoint_every, {**run, "adapter": ad.fingerprint})
+    if not spec.resume:
+        shutil.rmtree(ckpt.directory, ignore_errors=True)
+
+    def stop(step: int) -> None:
+        if _stop_after is not None and step + 1 == _stop_after:
+            raise KeyboardInterrupt  # tests: an interrupted run, to resume
+
+    with progress("recover", cfg.steps, opts.show_progress) as advance:
+        metrics = train_loop(student, student.parameters(), batches(examples, cfg.batch_size, cfg.seed), cfg,
+                             loss_fn=make_loss(teacher_model, spec), after_step=stop, on_step=advance,
+                             checkpoints=ckpt, resume=spec.resume)
+
+    inputs = {"adapter": ad.input_record(), "base": base_art.input_record(), "teacher": t_art.input_record(),
+              "teacher_adapter": ta.input_record(), "data": data_input(data)}
+    with atomic_output(out, opts.force) as tmp:
+        student.save_pretrained(tmp)
+        (tmp / "README.md").unlink(missing_ok=True)
+        extra = {}
+        if modules is not None:
+            save_file(recovery.state(modules), tmp / RECOVERY_FILE, metadata={"format": "calora-recovery-v1"})
+            extra[RECOVERY_FILE] = "CA-LoRA recovery modules: (alpha/r) U GELU(D x) beside each block linear; D, U per module"
+        write_manifest(tmp, kind="adapter", stage="recover", params=run, inputs=inputs, metrics=metrics,
+                       base_fingerprint=base_art.fingerprint, extra_files=extra)
+    shutil.rmtree(ckpt.directory, ignore_errors=True)
+    return {"output": str(out), **metrics}
