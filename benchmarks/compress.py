@@ -103,7 +103,7 @@ def main() -> int:
         sys.exit(f"no model at {args.model}: run `make -C recipes tiny` first, or pass --model")
 
     base_ppl = perplexity(args.model, args.eval, args.seq_len)
-    rows = [("uncompressed", "-", 0.0, size_mb(args.model), base_ppl)]
+    rows = [("uncompressed", "-", None, size_mb(args.model), base_ppl)]
     common = ["--calib", str(args.calib), "--calib-samples", str(args.calib_samples), "--seq-len", str(args.seq_len)]
     with tempfile.TemporaryDirectory(prefix="calora-bench-") as tmp:
         for name in args.methods.split(","):
@@ -130,7 +130,7 @@ def main() -> int:
     print("|---|---|---|---|---|---|")
     for name, secs, rss, mb, ppl in rows:
         rel = f"{ppl / base_ppl:.3f}x" if name != "uncompressed" else "1x"
-        print(f"| {name} | {secs} | {rss:.0f} | {mb:.1f} | {ppl:.2f} | {rel} |")
+        print(f"| {name} | {secs} | {'-' if rss is None else f'{rss:.0f}'} | {mb:.1f} | {ppl:.2f} | {rel} |")
     return 0
 
 
