@@ -5,10 +5,11 @@ Everything loads from disk only: safetensors weights, no remote code, no hub.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
-import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterator
 
 from calora_cli.errors import CaloraError
 
@@ -45,20 +46,28 @@ def resolve_device(name: str) -> "torch.device":
 _STACK_READY = False
 
 
-def _quiet_transformers() -> None:
-    """Import the ML stack once with its start-up chatter swallowed, unless CALORA_DEBUG is set.
+@contextlib.contextmanager
+def library_chatter_hidden() -> Iterator[None]:
+    """Swallow what libraries print to stdout/stderr (unless CALORA_DEBUG is set).
 
-    gptqmodel (pulled in by peft) prints a banner and warnings on import, and torchao logs
-    missing CUDA kernels; none of it concerns the user and it would clutter CI logs.
+    gptqmodel prints a banner on import and logs kernel choices and its own progress bars when it
+    loads or quantizes; torchao logs missing CUDA kernels. None of it concerns the user, calora
+    reports progress itself, and it would clutter CI logs.
     """
+    if os.environ.get("CALORA_DEBUG"):
+        yield
+        return
+    sink = io.StringIO()
+    with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+        yield
+
+
+def _quiet_transformers() -> None:
+    """Import the ML stack once, quietly."""
     global _STACK_READY
     if _STACK_READY:
         return
-    import contextlib
-    import io
-
-    sink = io.StringIO() if not os.environ.get("CALORA_DEBUG") else None
-    with contextlib.redirect_stdout(sink or sys.stdout), contextlib.redirect_stderr(sink or sys.stderr):
+    with library_chatter_hidden():
         import peft  # noqa: F401
         import transformers  # noqa: F401
 
@@ -78,14 +87,15 @@ def load_model(path: Path, device: str = "cpu", dtype: str = "float32") -> "PreT
     _quiet_transformers()
     dev = resolve_device(device)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            path,
-            dtype=torch_dtype(dtype),
-            use_safetensors=True,
-            trust_remote_code=False,
-            local_files_only=True,
-            device_map={"": str(dev)},
-        )
+        with library_chatter_hidden():
+            model = AutoModelForCausalLM.from_pretrained(
+                path,
+                dtype=torch_dtype(dtype),
+                use_safetensors=True,
+                trust_remote_code=False,
+                local_files_only=True,
+                device_map={"": str(dev)},
+            )
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CaloraError(f"cannot load model {path}: {first}") from e

@@ -6,14 +6,11 @@ group size and keeps the calibration text out of config.json (gptqmodel stores i
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
-import os
-import sys
 from pathlib import Path
 
 from calora_cli.errors import CaloraError
+from calora_cli.models import library_chatter_hidden
 
 BITS = (4, 8)
 
@@ -53,11 +50,7 @@ def quantize(src: Path, bits: int, group_size: int, calib_texts: list[str], toke
         raise CaloraError(f"--bits must be one of {', '.join(map(str, BITS))} for gptq, got {bits}")
     torch.manual_seed(seed)
     cfg = GPTQConfig(bits=bits, group_size=group_size, dataset=calib_texts, tokenizer=tokenizer, desc_act=False, sym=True)
-    # gptqmodel logs kernel choices and draws its own progress bars on stdout/stderr; calora
-    # reports progress itself, so they are swallowed unless CALORA_DEBUG is set
-    quiet = not os.environ.get("CALORA_DEBUG")
-    sink = io.StringIO()
-    with contextlib.redirect_stdout(sink if quiet else sys.stdout), contextlib.redirect_stderr(sink if quiet else sys.stderr):
+    with library_chatter_hidden():
         # float32: gptqmodel would pick bf16 on CPU, whose matmuls are ~10x slower on CPUs without AMX
         return AutoModelForCausalLM.from_pretrained(
             src, quantization_config=cfg, device_map="cpu", dtype=torch.float32, trust_remote_code=False,
