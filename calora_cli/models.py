@@ -99,6 +99,11 @@ def load_model(path: Path, device: str = "cpu", dtype: str = "float32") -> "PreT
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CaloraError(f"cannot load model {path}: {first}") from e
+    import torch
+
+    for name, p in model.named_parameters():
+        if p.is_floating_point() and not bool(torch.isfinite(p).all()):
+            raise CaloraError(f"model {path} has NaN or Inf values in {name}")
     model.eval()
     return model
 

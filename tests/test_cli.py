@@ -91,3 +91,19 @@ def test_bad_data_files(cli, tiny_base, tmp_path, content, message):
     data.write_bytes(content)
     line = one_line_error(cli("train", tiny_base, "-o", tmp_path / "out", "--data", data))
     assert message in line
+
+
+def test_nan_weights_are_refused(cli, tiny_base, tmp_path, small_text):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_base, bad)
+    sd = load_file(bad / "model.safetensors")
+    key = "model.layers.1.mlp.down_proj.weight"
+    sd[key] = sd[key].clone()
+    sd[key][3, 3] = float("nan")
+    save_file(sd, bad / "model.safetensors", metadata={"format": "pt"})
+    line = one_line_error(cli("eval", bad, "--ppl", small_text, "--seq-len", "64"))
+    assert "has NaN or Inf values in model.layers.1.mlp.down_proj.weight" in line
