@@ -61,3 +61,16 @@ def rewrite(src: Path, dst: Path, transform: Callable[[str, "torch.Tensor"], "to
             if new.dtype != tensor.dtype or new.shape != tensor.shape:
                 raise AssertionError(f"transform changed {name}: {tensor.dtype}{tuple(tensor.shape)} -> {new.dtype}{tuple(new.shape)}")
             out.write(new.contiguous().view(torch.uint8).numpy().tobytes() if new.numel() else b"")
+
+
+def load_tensors(files: list[Path], wanted: Callable[[str], bool]) -> dict[str, "torch.Tensor"]:
+    """The tensors whose names `wanted` accepts, read from whichever shard holds them."""
+    from safetensors import safe_open
+
+    out = {}
+    for path in files:
+        names = [n for n in tensor_names(path) if wanted(n)]
+        if names:
+            with safe_open(path, framework="pt") as f:
+                out.update({n: f.get_tensor(n) for n in names})
+    return out

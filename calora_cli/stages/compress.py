@@ -221,15 +221,12 @@ def _quantized_errors(model, src: Path, calib, opts: RunOptions) -> dict:
     config = model.config
 
     def dense_block(i: int):
-        from safetensors import safe_open
+        from calora_cli.tensor_io import load_tensors
 
         block = layer_cls(config, layer_idx=i)
         prefix = f"model.layers.{i}."
-        state = {}
-        for f in safetensors_files(src):
-            with safe_open(f, framework="pt") as st:
-                state.update({k[len(prefix):]: st.get_tensor(k) for k in st.keys() if k.startswith(prefix)})
-        block.load_state_dict(state)
+        state = load_tensors(safetensors_files(src), lambda name: name.startswith(prefix))
+        block.load_state_dict({k[len(prefix):]: v for k, v in state.items()})
         return block.eval()
 
     errs = block_errors(model, calib, dense_block)

@@ -15,18 +15,10 @@ from calora_cli.train import TrainConfig
 
 def base_masks(base, modules: list[str]) -> dict:
     """(W != 0) of each adapted module's weight, read tensor by tensor from the base's files."""
-    from safetensors import safe_open
-
-    from calora_cli.tensor_io import tensor_names
+    from calora_cli.tensor_io import load_tensors
 
     wanted = {f"{m}.weight": m for m in modules}
-    masks = {}
-    for shard in base.weights:
-        names = set(tensor_names(shard)) & set(wanted)
-        if names:
-            with safe_open(shard, framework="pt") as f:
-                for name in names:
-                    masks[wanted[name]] = f.get_tensor(name) != 0
+    masks = {wanted[n]: t != 0 for n, t in load_tensors(base.weights, wanted.__contains__).items()}
     missing = sorted(set(modules) - set(masks))
     if missing:
         raise CaloraError(f"the base has no weight for adapted module {missing[0]}")
