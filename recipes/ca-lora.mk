@@ -67,4 +67,4 @@ CA_EVALS := $(CA)/eval-original.json \
 ca-lora: $(CA)/results.md
 	@cat $<
 $(CA)/results.md: $(CA_EVALS)
-	$(PY) ca_lora_table.py $(CA) "$(CA_COMPRESSIONS)" "$(CA_SEEDS)" > $@
+	$(PY) ca_lora_table.py $(CA) "$(CA_COMPRESSIONS)" "$(CA_SEEDS)" $(CA)/results.png > $@

@@ -24,8 +24,41 @@ def cell(values: list[float]) -> str:
     return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
 
 
-def main(root: str, compressions: str, seeds: str) -> None:
+def plot(root: Path, comps: list[str], seeds: list[str], out: Path) -> None:
+    """Grouped bars: perplexity of each arm per compressed model (mean, std over seeds)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"(no plot: pip install matplotlib, or '.[recipes]', to draw {out.name})", file=sys.stderr)
+        return
+    arms = ARMS[1:]
+    fig, ax = plt.subplots(figsize=(8, 4))
+    width = 0.8 / len(arms)
+    for k, (key, label) in enumerate(arms):
+        means, stds = [], []
+        for c in comps:
+            vals = ([ppl(root / c / f"{key}.json")] if key.startswith("eval-")
+                    else [ppl(root / c / f"s{s}" / f"eval-{key}.json") for s in seeds])
+            means.append(statistics.mean(vals))
+            stds.append(statistics.stdev(vals) if len(vals) > 1 else 0.0)
+        ax.bar([i + k * width for i in range(len(comps))], means, width, yerr=stds, label=label)
+    ax.axhline(ppl(root / "eval-original.json"), color="black", linestyle="--", label="1. original + original LoRA")
+    ax.set_xticks([i + width * (len(arms) - 1) / 2 for i in range(len(comps))], comps)
+    ax.set_ylabel("held-out perplexity (lower is better)")
+    lo = min(b.get_height() for b in ax.patches)
+    ax.set_ylim(lo * 0.97, None)
+    ax.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+
+
+def main(root: str, compressions: str, seeds: str, png: str | None = None) -> None:
     root, comps, seeds = Path(root), compressions.split(), seeds.split()
+    if png:
+        plot(root, comps, seeds, Path(png))
     print(f"Perplexity on the held-out text (lower is better); seeds {', '.join(seeds)}.\n")
     print("| arm | " + " | ".join(comps) + " |")
     print("|---|" + "---|" * len(comps))
@@ -41,4 +74,4 @@ def main(root: str, compressions: str, seeds: str) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:4])
+    main(*sys.argv[1:5])

@@ -1,0 +1,118 @@
+"""NOLA: LoRA factors as linear combinations of random bases regenerated from a seed.
+
+    A = A0 + sum_i alpha_i A_i   (k bases, r x d_in)      B = sum_j beta_j B_j   (l bases, d_out x r)
+    delta W = (lora_alpha / r) * B @ A
+
+Only alpha, beta (k + l numbers per module) and the seeds are stored. Bases are U(-1, 1) / sqrt(k)
+as in the reference code; A0 is a frozen LoRA-style offset (U(+-1/sqrt(d_in)), like kaiming-uniform
+with a = sqrt(5)) and beta starts at 0, so an adapter starts at delta W = 0 and its alpha still get
+gradients.
+
+Determinism: every matrix comes from torch's CPU generator seeded with a 63-bit seed derived from
+(master seed, basis-set name, shape, count, GENERATOR_VERSION) by SHA-256. torch's CPU `rand`
+stream does not depend on how it is chunked or on the thread count, so generating in chunks gives
+the same matrices; a test pins its values. CUDA generators differ (even between GPU models), so
+bases are always generated on the CPU and moved.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+
+import torch
+from torch import nn
+
+from calora_cli.errors import CaloraError
+
+GENERATOR_VERSION = 1
+CHUNK = 64  # bases generated at a time: bounds memory to CHUNK matrices
+
+
+def derive_seed(master: int, name: str, shape: tuple[int, ...], count: int) -> int:
+    key = f"calora-nola/v{GENERATOR_VERSION}/{master}/{name}/{'x'.join(map(str, shape))}/{count}"
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little") >> 1
+
+
+def generate(seed: int, count: int, shape: tuple[int, ...], start: int = 0, stop: int | None = None) -> torch.Tensor:
+    """Bases start..stop of a set of `count`, as a (stop-start, *shape) tensor: U(-1, 1) / sqrt(count)."""
+    stop = count if stop is None else stop
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    per = math.prod(shape)
+    if start:
+        torch.rand(start * per, generator=g)  # advance the stream (same values as one long draw)
+    return (torch.rand((stop - start, *shape), generator=g) * 2 - 1) / math.sqrt(count)
+
+
+def offset(seed: int, shape: tuple[int, int]) -> torch.Tensor:
+    """The frozen A0: U(+-1/sqrt(d_in)), what nn.Linear's kaiming-uniform(a=sqrt(5)) draws."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    bound = 1 / math.sqrt(shape[1])
+    return (torch.rand(shape, generator=g) * 2 - 1) * bound
+
+
+def fingerprint(seed: int, count: int, shape: tuple[int, ...]) -> str:
+    """A short identity of a basis set: hash of its first basis (checked at load)."""
+    first = generate(seed, count, shape, 0, 1).contiguous()
+    return hashlib.sha256(first.numpy().tobytes()).hexdigest()[:16]
+
+
+class _Combine(torch.autograd.Function):
+    """sum_i c_i * basis_i, with the bases regenerated chunk by chunk in forward and backward,
+    so neither pass holds more than CHUNK bases (the reference does the same on the GPU)."""
+
+    @staticmethod
+    def forward(ctx, coeffs, seed, shape):
+        ctx.seed, ctx.shape = seed, shape
+        ctx.save_for_backward(coeffs)
+        k = coeffs.shape[0]
+        out = torch.zeros(shape, dtype=torch.float32)
+        for lo in range(0, k, CHUNK):
+            hi = min(lo + CHUNK, k)
+            out += torch.tensordot(coeffs[lo:hi].detach().float().cpu(), generate(seed, k, shape, lo, hi), dims=1)
+        return out.to(coeffs.device)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (coeffs,) = ctx.saved_tensors
+        k = coeffs.shape[0]
+        g = grad.detach().float().cpu().reshape(-1)
+        out = torch.empty(k, dtype=torch.float32)
+        for lo in range(0, k, CHUNK):
+            hi = min(lo + CHUNK, k)
+            out[lo:hi] = generate(ctx.seed, k, ctx.shape, lo, hi).reshape(hi - lo, -1) @ g
+        return out.to(coeffs.device, coeffs.dtype), None, None
+
+
+def combine(coeffs: torch.Tensor, seed: int, shape: tuple[int, ...]) -> torch.Tensor:
+    return _Combine.apply(coeffs, seed, tuple(shape))
+
+
+class NolaLinear(nn.Module):
+    """A frozen linear plus a NOLA delta: y = base(x) + s * (x @ A^T) @ B^T."""
+
+    def __init__(self, base: nn.Module, rank: int, k: int, l: int, alpha: float, seeds: dict[str, int]):
+        super().__init__()
+        if k < 1 or l < 1 or rank < 1:
+            raise CaloraError(f"NOLA needs k, l and rank >= 1, got k={k}, l={l}, rank={rank}")
+        self.base = base
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.rank, self.k, self.l, self.scale = rank, k, l, alpha / rank
+        self.seeds = dict(seeds)  # "A", "B", "A0"
+        self.alpha_coef = nn.Parameter(torch.zeros(k))
+        self.beta_coef = nn.Parameter(torch.zeros(l))
+        self.register_buffer("A0", offset(seeds["A0"], (rank, self.in_features)), persistent=False)
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        A = self.A0 + combine(self.alpha_coef, self.seeds["A"], (self.rank, self.in_features))
+        B = combine(self.beta_coef, self.seeds["B"], (self.out_features, self.rank))
+        return A, B
+
+    def delta(self) -> torch.Tensor:
+        A, B = self.factors()
+        return self.scale * B @ A
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        A, B = self.factors()
+        h = x.to(A.dtype) @ A.T
+        return self.base(x) + (self.scale * h @ B.T).to(x.dtype)

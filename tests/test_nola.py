@@ -1,0 +1,57 @@
+"""NOLA basis generation and layer math (the CLI stages come with issue #8)."""
+
+import pytest
+import torch
+
+from calora_cli.adapters import nola
+
+
+def test_bases_are_pinned():
+    """Reference values: an adapter made today must expand identically on another machine and a
+    later torch. If this fails, the generator changed: bump GENERATOR_VERSION, do not edit values."""
+    seed = nola.derive_seed(0, "q_proj", (4, 8), 16)
+    assert seed == 7548341057888424976
+    bases = nola.generate(seed, 16, (4, 8))
+    assert bases[0, 0, :4].tolist() == pytest.approx([-0.22700273990631104, -0.020959585905075073, 0.16488060355186462, -0.02295863628387451], abs=0)
+    assert bases[15, 3, 4:].tolist() == pytest.approx([-0.1263827085494995, -0.12335789203643799, -0.2231290638446808, -0.17999783158302307], abs=0)
+    assert nola.fingerprint(seed, 16, (4, 8)) == "e86309bed3b535f9"
+
+
+def test_seeds_depend_on_every_input():
+    base = nola.derive_seed(0, "q_proj", (4, 8), 16)
+    others = [nola.derive_seed(1, "q_proj", (4, 8), 16), nola.derive_seed(0, "k_proj", (4, 8), 16),
+              nola.derive_seed(0, "q_proj", (8, 4), 16), nola.derive_seed(0, "q_proj", (4, 8), 17)]
+    assert len({base, *others}) == 5
+
+
+def test_chunked_generation_equals_one_draw(monkeypatch):
+    seed = nola.derive_seed(3, "x", (5, 7), 150)
+    full = nola.generate(seed, 150, (5, 7))
+    parts = torch.cat([nola.generate(seed, 150, (5, 7), lo, min(lo + 37, 150)) for lo in range(0, 150, 37)])
+    assert torch.equal(full, parts)
+    assert abs(full.abs().max().item() * 150**0.5 - 1) < 0.01  # U(-1, 1) / sqrt(k)
+
+
+def test_combine_matches_autograd_on_materialised_bases(monkeypatch):
+    monkeypatch.setattr(nola, "CHUNK", 7)  # several chunks in forward and backward
+    seed, k, shape = nola.derive_seed(0, "y", (6, 5), 20), 20, (6, 5)
+    c = torch.randn(k, requires_grad=True)
+    g = torch.randn(shape)
+    (nola.combine(c, seed, shape) * g).sum().backward()
+    ref_c = c.detach().clone().requires_grad_(True)
+    bases = nola.generate(seed, k, shape)
+    (torch.einsum("k,kij->ij", ref_c, bases) * g).sum().backward()
+    assert torch.allclose(nola.combine(c.detach(), seed, shape), torch.einsum("k,kij->ij", c.detach(), bases), atol=1e-6)
+    assert torch.allclose(c.grad, ref_c.grad, atol=1e-5)
+
+
+def test_nola_linear_starts_at_zero_and_learns():
+    torch.manual_seed(0)
+    base = torch.nn.Linear(12, 10)
+    layer = nola.NolaLinear(base, rank=4, k=8, l=6, alpha=8.0, seeds={"A": 1, "B": 2, "A0": 3})
+    x = torch.randn(3, 12)
+    assert torch.equal(layer(x), base(x))  # beta = 0: delta W = 0
+    assert torch.count_nonzero(layer.delta()) == 0
+    layer(x).pow(2).sum().backward()
+    assert layer.beta_coef.grad.abs().sum() > 0  # A = A0 != 0, so beta learns from step one
+    assert sum(p.numel() for p in layer.parameters() if p.requires_grad) - sum(p.numel() for p in base.parameters()) == 14
