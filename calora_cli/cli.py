@@ -165,6 +165,11 @@ def train(
     data: Annotated[Path, typer.Option("--data", help="Training data: .txt (packed text) or .jsonl of {prompt, completion}.")],
     rank: Annotated[int, typer.Option("--rank", help="LoRA rank r.")] = 8,
     alpha: Annotated[Optional[float], typer.Option("--alpha", help="LoRA alpha (default 2*rank).")] = None,
+    kind: Annotated[str, typer.Option("--kind", help="lora (peft), or nola (seed + k + l coefficients per module).")] = "lora",
+    bases: Annotated[str, typer.Option("--bases", help="nola: K[,L] random bases for A (and B).")] = "1024",
+    per_module_bases: Annotated[
+        bool, typer.Option("--per-module-bases", help="nola: one basis set per module instead of one per module type.")
+    ] = False,
     targets: Annotated[
         Optional[str], typer.Option("--targets", help="Comma list of module names (default: every linear of attention and MLP).")
     ] = None,
@@ -186,7 +191,12 @@ def train(
 
     cfg = TrainConfig(steps=steps, lr=lr, batch_size=batch_size, seq_len=seq_len, seed=seed)
     tlist = [t.strip() for t in targets.split(",") if t.strip()] if targets else None
-    summary = train_lora(base, data, output, cfg, _opts(device, dtype, seed, force, quiet), rank=rank, alpha=alpha, targets=tlist)
+    try:
+        kl = [int(b) for b in bases.split(",")]
+    except ValueError:
+        raise CaloraError(f"--bases must be K or K,L (integers), got {bases!r}") from None
+    summary = train_lora(base, data, output, cfg, _opts(device, dtype, seed, force, quiet), rank=rank, alpha=alpha,
+                         targets=tlist, kind=kind, bases=(kl[0], kl[-1]), shared_bases=not per_module_bases)
     _emit(summary, json_)
 
 

@@ -55,3 +55,59 @@ def test_nola_linear_starts_at_zero_and_learns():
     layer(x).pow(2).sum().backward()
     assert layer.beta_coef.grad.abs().sum() > 0  # A = A0 != 0, so beta learns from step one
     assert sum(p.numel() for p in layer.parameters() if p.requires_grad) - sum(p.numel() for p in base.parameters()) == 14
+
+
+def _ok(r):
+    import json
+
+    assert r.exit_code == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+NOLA = ["--kind", "nola", "--bases", "64,32", "--rank", "4", "--steps", "6", "--seq-len", "64", "--batch-size", "2", "--lr", "2e-2", "--json"]
+
+
+def test_nola_adapter_trains_evaluates_and_merges_consistently(cli, tiny_base, small_text, tmp_path):
+    import json
+
+    s = _ok(cli("train", tiny_base, "-o", tmp_path / "n", "--data", small_text, *NOLA))
+    assert s["trainable_params"] == 14 * (64 + 32)  # k + l numbers per module, whatever the rank or width
+    m = json.loads((tmp_path / "n" / "calora.json").read_text())
+    assert m["params"]["generator_version"] == nola.GENERATOR_VERSION and len(m["params"]["basis_fingerprints"]) == 14
+    # forward with NOLA layers (bases combined on the fly) == the merged model (bases expanded to A, B)
+    e1 = _ok(cli("eval", tiny_base, "--adapter", tmp_path / "n", "--ppl", small_text, "--seq-len", "64", "--json"))
+    _ok(cli("merge", tiny_base, "--adapter", tmp_path / "n", "-o", tmp_path / "m", "--json"))
+    e2 = _ok(cli("eval", tmp_path / "m", "--ppl", small_text, "--seq-len", "64", "--json"))
+    base = _ok(cli("eval", tiny_base, "--ppl", small_text, "--seq-len", "64", "--json"))
+    assert e1["perplexity"] == pytest.approx(e2["perplexity"], rel=1e-5)
+    assert e1["perplexity"] != base["perplexity"]
+
+
+def test_nola_training_is_deterministic(cli, tiny_base, small_text, tmp_path):
+    for run in ("a", "b"):
+        _ok(cli("train", tiny_base, "-o", tmp_path / run, "--data", small_text, *NOLA, "--seed", "4"))
+    for name in ("nola.safetensors", "calora.json", "adapter_config.json"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+
+
+def test_shared_and_per_module_bases():
+    shared = [nola.seeds_for(0, f"model.layers.{i}.self_attn.q_proj", 4, 64, 64, 8, 8, True) for i in range(2)]
+    per = [nola.seeds_for(0, f"model.layers.{i}.self_attn.q_proj", 4, 64, 64, 8, 8, False) for i in range(2)]
+    assert shared[0] == shared[1] and per[0]["A"] != per[1]["A"]
+
+
+@pytest.mark.parametrize("tamper, message", [
+    (lambda p: p.update(generator_version=99), "basis generator version 99"),
+    (lambda p: next(iter(p["basis_fingerprints"].values())).update(A="0" * 16), "fingerprint mismatch"),
+])
+def test_nola_bad_manifests(cli, tiny_base, small_text, tmp_path, tamper, message):
+    import json
+
+    from helpers import one_line_error
+
+    _ok(cli("train", tiny_base, "-o", tmp_path / "n", "--data", small_text, *NOLA))
+    mp = tmp_path / "n" / "calora.json"
+    m = json.loads(mp.read_text())
+    tamper(m["params"])
+    mp.write_text(json.dumps(m))
+    assert message in one_line_error(cli("eval", tiny_base, "--adapter", tmp_path / "n", "--ppl", small_text, "--seq-len", "64"))

@@ -116,3 +116,65 @@ class NolaLinear(nn.Module):
         A, B = self.factors()
         h = x.to(A.dtype) @ A.T
         return self.base(x) + (self.scale * h @ B.T).to(x.dtype)
+
+
+def module_type(path: str) -> str:
+    return path.rsplit(".", 1)[-1]
+
+
+def seeds_for(master: int, path: str, rank: int, d_in: int, d_out: int, k: int, l: int, shared: bool) -> dict[str, int]:
+    """The three seeds of one module. Shared sets (the default) are keyed by module type, so every
+    layer's q_proj uses the same bases (as the reference GPT-2 code ends up doing); per-module sets
+    are keyed by the full path."""
+    name = module_type(path) if shared else path
+    return {
+        "A": derive_seed(master, f"{name}/A", (rank, d_in), k),
+        "B": derive_seed(master, f"{name}/B", (d_out, rank), l),
+        "A0": derive_seed(master, f"{name}/A0", (rank, d_in), 1),
+    }
+
+
+def attach(model: nn.Module, targets: list[str], rank: int, k: int, l: int, alpha: float, master: int,
+           shared: bool = True) -> dict[str, NolaLinear]:
+    """Wrap every targeted linear of the decoder blocks in a NolaLinear (in place); freeze the rest."""
+    model.requires_grad_(False)
+    layers = {}
+    for path, mod in list(model.named_modules()):
+        if ".layers." not in path or module_type(path) not in targets or not hasattr(mod, "in_features"):
+            continue
+        parent, _, child = path.rpartition(".")
+        seeds = seeds_for(master, path, rank, mod.in_features, mod.out_features, k, l, shared)
+        wrapped = NolaLinear(mod, rank, k, l, alpha, seeds)
+        setattr(model.get_submodule(parent), child, wrapped)
+        layers[path] = wrapped
+    if not layers:
+        raise CaloraError(f"no module named {', '.join(targets)} in the decoder blocks")
+    return layers
+
+
+def coefficients(layers: dict[str, NolaLinear]) -> dict[str, torch.Tensor]:
+    out = {}
+    for path, layer in layers.items():
+        out[f"{path}.nola_alpha"] = layer.alpha_coef.detach().contiguous()
+        out[f"{path}.nola_beta"] = layer.beta_coef.detach().contiguous()
+    return out
+
+
+def load_coefficients(layers: dict[str, NolaLinear], tensors: dict[str, torch.Tensor]) -> None:
+    for path, layer in layers.items():
+        for name, p in (("nola_alpha", layer.alpha_coef), ("nola_beta", layer.beta_coef)):
+            t = tensors.get(f"{path}.{name}")
+            if t is None or t.shape != p.shape:
+                raise CaloraError(f"NOLA coefficients for {path}.{name} are missing or of the wrong size")
+            if not bool(torch.isfinite(t).all()):
+                raise CaloraError(f"NOLA coefficients {path}.{name} hold NaN or Inf values")
+            p.data.copy_(t)
+
+
+def expand(alpha_coef: torch.Tensor, beta_coef: torch.Tensor, seeds: dict[str, int], rank: int, d_in: int,
+           d_out: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The plain LoRA factors (A: r x d_in, B: d_out x r) a NOLA module stands for."""
+    with torch.no_grad():
+        A = offset(seeds["A0"], (rank, d_in)) + combine(alpha_coef.float(), seeds["A"], (rank, d_in))
+        B = combine(beta_coef.float(), seeds["B"], (d_out, rank))
+    return A, B

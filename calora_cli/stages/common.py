@@ -11,6 +11,7 @@ from calora_cli.errors import CaloraError
 
 MASKS_FILE = "masks.safetensors"
 RECOVERY_FILE = "recovery.safetensors"
+NOLA_FILE = "nola.safetensors"
 
 
 @dataclass
@@ -47,14 +48,58 @@ def open_model_and_adapter(model: Path, adapter: Path | None, opts: RunOptions) 
     return model_art, adapter_art
 
 
+def is_nola(adapter: Artifact) -> bool:
+    return (adapter.manifest or {}).get("params", {}).get("kind") == "nola"
+
+
+def read_nola(adapter: Artifact):
+    """NOLA coefficients, module shapes and hyper-parameters; checks generator version and bases."""
+    import json
+
+    from safetensors import safe_open
+
+    from calora_cli.adapters import nola
+
+    p = adapter.manifest["params"]
+    if p.get("generator_version") != nola.GENERATOR_VERSION:
+        raise CaloraError(f"NOLA adapter {adapter.path} uses basis generator version {p.get('generator_version')!r}; "
+                          f"this calora has version {nola.GENERATOR_VERSION}")
+    with safe_open(adapter.path / NOLA_FILE, framework="pt") as f:
+        shapes = json.loads(f.metadata()["shapes"])
+        coeffs = {k: f.get_tensor(k) for k in f.keys()}
+    for path, (d_out, d_in) in shapes.items():
+        seeds = nola.seeds_for(p["seed"], path, p["rank"], d_in, d_out, p["k"], p["l"], p["shared"])
+        want = p["basis_fingerprints"].get(path)
+        got = {"A": nola.fingerprint(seeds["A"], p["k"], (p["rank"], d_in)), "B": nola.fingerprint(seeds["B"], p["l"], (d_out, p["rank"]))}
+        if want != got:
+            raise CaloraError(f"NOLA bases for {path} do not regenerate as recorded (fingerprint mismatch): "
+                              "the adapter was made by an incompatible generator")
+    return coeffs, shapes, p
+
+
+def nola_factors(adapter: Artifact) -> dict:
+    from calora_cli.adapters import nola
+    from calora_cli.adapters.lora import LoraFactors
+
+    coeffs, shapes, p = read_nola(adapter)
+    out = {}
+    for path, (d_out, d_in) in shapes.items():
+        seeds = nola.seeds_for(p["seed"], path, p["rank"], d_in, d_out, p["k"], p["l"], p["shared"])
+        A, B = nola.expand(coeffs[f"{path}.nola_alpha"], coeffs[f"{path}.nola_beta"], seeds, p["rank"], d_in, d_out)
+        out[path] = LoraFactors(path, A, B, p["alpha"] / p["rank"])
+    return out
+
+
 def read_lora(adapter: Artifact):
-    """The LoRA factors of an adapter artifact (safetensors only), and whether it is LoSA-masked."""
+    """The LoRA factors of an adapter artifact (safetensors only; NOLA expanded), and whether it is LoSA-masked."""
     import json
 
     from safetensors.torch import load_file
 
     from calora_cli.adapters.lora import factors_from_state
 
+    if is_nola(adapter):
+        return nola_factors(adapter), False
     config = json.loads((adapter.path / "adapter_config.json").read_text())
     weights = adapter.path / "adapter_model.safetensors"
     if not weights.exists():
@@ -92,6 +137,20 @@ def attach_adapter(model, adapter: Artifact, trainable: bool = False):
     CA-LoRA recovery modules."""
     from calora_cli.models import load_adapter
 
+    if is_nola(adapter):
+        from calora_cli.adapters import nola
+
+        coeffs, shapes, p = read_nola(adapter)
+        layers = nola.attach(model, sorted({nola.module_type(m) for m in shapes}), p["rank"], p["k"], p["l"], p["alpha"],
+                             p["seed"], p["shared"])
+        if set(layers) != set(shapes):
+            raise CaloraError(f"NOLA adapter {adapter.path} adapts other modules than the model has")
+        nola.load_coefficients(layers, coeffs)
+        for layer in layers.values():
+            layer.requires_grad_(False)
+            layer.alpha_coef.requires_grad_(trainable)
+            layer.beta_coef.requires_grad_(trainable)
+        return model
     peft_model = load_adapter(model, adapter.path, trainable=trainable)
     if is_masked(adapter):
         from calora_cli.adapters.masked import apply_masks

@@ -22,10 +22,17 @@ def train_lora(
     rank: int = 8,
     alpha: float | None = None,
     targets: list[str] | None = None,
+    kind: str = "lora",
+    bases: tuple[int, int] = (1024, 1024),
+    shared_bases: bool = True,
 ) -> dict:
     cfg.check()
     if rank < 1:
         raise CaloraError(f"--rank must be at least 1, got {rank}")
+    if kind not in ("lora", "nola"):
+        raise CaloraError(f"--kind must be lora or nola, got {kind!r}")
+    if kind == "nola" and min(bases) < 1:
+        raise CaloraError(f"--bases must be positive, got {bases}")
     check_output(out, opts.force)
     base_art = open_artifact(base, expect="model", role="base")
     tokenizer = load_tokenizer(base)
@@ -41,6 +48,8 @@ def train_lora(
     if unknown:
         raise CaloraError(f"--targets {','.join(unknown)} not found in the model (it has {','.join(available)})")
     alpha = float(alpha if alpha is not None else 2 * rank)
+    if kind == "nola":
+        return _train_nola(base_art, data, examples, model, out, cfg, opts, rank, alpha, sorted(targets), bases, shared_bases)
     lora = LoraConfig(r=rank, lora_alpha=alpha, target_modules=sorted(targets), lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
     model = get_peft_model(model, lora)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -61,4 +70,38 @@ def train_lora(
             metrics=metrics,
             base_fingerprint=base_art.fingerprint,
         )
+    return {"output": str(out), "kind": "adapter", **metrics}
+
+
+def _train_nola(base_art, data, examples, model, out, cfg, opts, rank, alpha, targets, bases, shared) -> dict:
+    """A NOLA adapter trained directly: only k + l coefficients per module (beta starts at 0)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from calora_cli.adapters import nola
+    from calora_cli.stages.common import NOLA_FILE
+
+    k, l = bases
+    layers = nola.attach(model, targets, rank, k, l, alpha, cfg.seed, shared)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    with progress("train nola", cfg.steps, opts.show_progress) as advance:
+        metrics = train_loop(model, model.parameters(), batches(examples, cfg.batch_size, cfg.seed), cfg, on_step=advance)
+    metrics.update(trainable_params=trainable, examples=len(examples))
+    shapes = {p: [m.out_features, m.in_features] for p, m in layers.items()}
+    fingerprints = {p: {"A": nola.fingerprint(m.seeds["A"], k, (rank, m.in_features)),
+                        "B": nola.fingerprint(m.seeds["B"], l, (m.out_features, rank))} for p, m in layers.items()}
+    params = {"kind": "nola", "rank": rank, "alpha": alpha, "k": k, "l": l, "shared": shared, "seed": cfg.seed,
+              "generator_version": nola.GENERATOR_VERSION, "targets": targets, "basis_fingerprints": fingerprints,
+              **{key: v for key, v in cfg.as_params().items() if key != "seed"}}
+    with atomic_output(out, opts.force) as tmp:
+        save_file(nola.coefficients(layers), tmp / NOLA_FILE,
+                  metadata={"shapes": json.dumps(shapes, sort_keys=True), "format": "calora-nola-v1"})
+        config = {"peft_type": "NOLA", "r": rank, "lora_alpha": alpha, "target_modules": targets,
+                  "base_model_name_or_path": str(base_art.path), "note": "a calora NOLA adapter: see calora.json"}
+        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        write_manifest(tmp, kind="adapter", stage="train", params=params,
+                       inputs={"base": base_art.input_record(), "data": data_input(data)}, metrics=metrics,
+                       base_fingerprint=base_art.fingerprint,
+                       extra_files={NOLA_FILE: "NOLA coefficients (alpha, beta per module); bases regenerate from the seed"})
     return {"output": str(out), "kind": "adapter", **metrics}
