@@ -217,3 +217,10 @@ def test_merge_and_sparsify_bad_inputs(cli, tiny_base, pruned_base, tiny_lora, c
         line = one_line_error(cli("eval", other, "--adapter", s, "--ppl", calib_text, "--seq-len", "64", "--allow-base-mismatch"))
         assert "stored mask does not match the base's zeros" in line
     assert not out.exists()
+
+
+def test_sparsified_adapter_is_deterministic(cli, pruned_base, tiny_lora, tmp_path):
+    for run in ("a", "b", "c"):
+        _ok(cli("sparsify-adapter", tiny_lora, "--base", pruned_base, "-o", tmp_path / run, "--json"))
+    for name in ("masks.safetensors", "calora.json", "adapter_model.safetensors"):
+        assert len({(tmp_path / r / name).read_bytes() for r in "abc"}) == 1, name

@@ -75,12 +75,7 @@ def train_lora(
 
 def _train_nola(base_art, data, examples, model, out, cfg, opts, rank, alpha, targets, bases, shared) -> dict:
     """A NOLA adapter trained directly: only k + l coefficients per module (beta starts at 0)."""
-    import json
-
-    from safetensors.torch import save_file
-
     from calora_cli.adapters import nola
-    from calora_cli.stages.common import NOLA_FILE
 
     k, l = bases
     layers = nola.attach(model, targets, rank, k, l, alpha, cfg.seed, shared)
@@ -88,20 +83,34 @@ def _train_nola(base_art, data, examples, model, out, cfg, opts, rank, alpha, ta
     with progress("train nola", cfg.steps, opts.show_progress) as advance:
         metrics = train_loop(model, model.parameters(), batches(examples, cfg.batch_size, cfg.seed), cfg, on_step=advance)
     metrics.update(trainable_params=trainable, examples=len(examples))
+    params = {**{key: v for key, v in cfg.as_params().items() if key != "seed"}}
+    save_nola(out, opts, layers, rank, alpha, k, l, shared, cfg.seed, targets, params, metrics,
+              stage="train", inputs={"base": base_art.input_record(), "data": data_input(data)},
+              base_fingerprint=base_art.fingerprint)
+    return {"output": str(out), "kind": "adapter", **metrics}
+
+
+def save_nola(out, opts, layers, rank, alpha, k, l, shared, seed, targets, params, metrics, *, stage, inputs,
+              base_fingerprint) -> None:
+    """Write a NOLA adapter artifact: coefficients, a descriptive adapter_config.json, the manifest."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from calora_cli.adapters import nola
+    from calora_cli.stages.common import NOLA_FILE
+
     shapes = {p: [m.out_features, m.in_features] for p, m in layers.items()}
     fingerprints = {p: {"A": nola.fingerprint(m.seeds["A"], k, (rank, m.in_features)),
                         "B": nola.fingerprint(m.seeds["B"], l, (m.out_features, rank))} for p, m in layers.items()}
-    params = {"kind": "nola", "rank": rank, "alpha": alpha, "k": k, "l": l, "shared": shared, "seed": cfg.seed,
-              "generator_version": nola.GENERATOR_VERSION, "targets": targets, "basis_fingerprints": fingerprints,
-              **{key: v for key, v in cfg.as_params().items() if key != "seed"}}
+    params = {"kind": "nola", "rank": rank, "alpha": alpha, "k": k, "l": l, "shared": shared, "seed": seed,
+              "generator_version": nola.GENERATOR_VERSION, "targets": targets, "basis_fingerprints": fingerprints, **params}
     with atomic_output(out, opts.force) as tmp:
-        save_file(nola.coefficients(layers), tmp / NOLA_FILE,
-                  metadata={"shapes": json.dumps(shapes, sort_keys=True), "format": "calora-nola-v1"})
+        # a single metadata key: safetensors writes metadata in hash-map order (see sparsify.py)
+        save_file(nola.coefficients(layers), tmp / NOLA_FILE, metadata={"shapes": json.dumps(shapes, sort_keys=True)})
         config = {"peft_type": "NOLA", "r": rank, "lora_alpha": alpha, "target_modules": targets,
-                  "base_model_name_or_path": str(base_art.path), "note": "a calora NOLA adapter: see calora.json"}
+                  "note": "a calora NOLA adapter: see calora.json; merge or eval it with calora"}
         (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        write_manifest(tmp, kind="adapter", stage="train", params=params,
-                       inputs={"base": base_art.input_record(), "data": data_input(data)}, metrics=metrics,
-                       base_fingerprint=base_art.fingerprint,
+        write_manifest(tmp, kind="adapter", stage=stage, params=params, inputs=inputs, metrics=metrics,
+                       base_fingerprint=base_fingerprint,
                        extra_files={NOLA_FILE: "NOLA coefficients (alpha, beta per module); bases regenerate from the seed"})
-    return {"output": str(out), "kind": "adapter", **metrics}

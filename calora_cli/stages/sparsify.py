@@ -66,7 +66,9 @@ def sparsify_adapter(adapter: Path, base: Path, out: Path, opts: RunOptions, dat
             params.update(cfg.as_params() if cfg else TrainConfig().as_params())
         packed = {m: pack(mask) for m, mask in masks.items()}
         shapes = json.dumps({m: list(mask.shape) for m, mask in masks.items()}, sort_keys=True)
-        save_file(packed, tmp / MASKS_FILE, metadata={"shapes": shapes, "format": "calora-losa-mask-v1"})
+        # one metadata key only: safetensors writes metadata in hash-map order, so two keys would
+        # make the file's bytes differ from run to run
+        save_file(packed, tmp / MASKS_FILE, metadata={"shapes": shapes})
         inputs = {"adapter": ad_art.input_record(), "base": base_art.input_record()}
         if data is not None:
             inputs["data"] = data_input(data)
