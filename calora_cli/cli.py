@@ -281,7 +281,14 @@ def compress(
     group_size: Annotated[int, typer.Option("--group-size", help="GPTQ group size; must divide every linear's input features.")] = 128,
     calib: Annotated[Optional[Path], typer.Option("--calib", help="Calibration text (needed by wanda, sparsegpt, gptq, rmi).")] = None,
     calib_samples: Annotated[int, typer.Option("--calib-samples", help="Calibration windows drawn from --calib.")] = 32,
-    seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per calibration window.")] = 256,
+    seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per calibration window (nola: per training sequence).")] = 256,
+    bases: Annotated[str, typer.Option("--bases", help="nola: K[,L] random bases for A (and B).")] = "1024",
+    data: Annotated[Optional[Path], typer.Option("--data", help="nola: text to distill the LoRA's behaviour on.")] = None,
+    base: Annotated[Optional[Path], typer.Option("--base", help="nola: the LoRA's base model (default: as recorded).")] = None,
+    steps: Annotated[int, typer.Option("--steps", help="nola: distillation steps.")] = 200,
+    lr: Annotated[float, typer.Option("--lr", help="nola: learning rate of the coefficients.")] = 1e-2,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="nola: batch size.")] = 8,
+    distill: Annotated[str, typer.Option("--distill", help="nola: match logits (KL), hidden states (MSE), or both.")] = "logits",
     seed: Seed = 0,
     device: Device = "cpu",
     dtype: Dtype = "float32",
@@ -290,7 +297,21 @@ def compress(
     quiet: Quiet = False,
     debug: Debug = False,
 ) -> None:
-    """Compress a base model block by block: GPTQ / bitsandbytes quantization, or magnitude / Wanda / SparseGPT pruning."""
+    """Compress a base model block by block (GPTQ, NF4/int8, magnitude/Wanda/SparseGPT), or a LoRA into NOLA (--method nola)."""
+    if method == "nola":
+        from calora_cli.stages.nola_compress import compress_lora
+        from calora_cli.train import TrainConfig
+
+        if data is None:
+            raise CaloraError("--method nola distills the LoRA on text: pass --data FILE")
+        try:
+            kl = [int(b) for b in bases.split(",")]
+        except ValueError:
+            raise CaloraError(f"--bases must be K or K,L (integers), got {bases!r}") from None
+        cfg = TrainConfig(steps=steps, lr=lr, batch_size=batch_size, seq_len=seq_len, seed=seed)
+        opts = _opts(device, dtype, seed, force, quiet)
+        _emit(compress_lora(model, output, data, cfg, opts, (kl[0], kl[-1]), base=base, distill=distill), json_)
+        return
     from calora_cli.stages.compress import CompressSpec, compress_model
 
     spec = CompressSpec(

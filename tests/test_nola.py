@@ -111,3 +111,45 @@ def test_nola_bad_manifests(cli, tiny_base, small_text, tmp_path, tamper, messag
     tamper(m["params"])
     mp.write_text(json.dumps(m))
     assert message in one_line_error(cli("eval", tiny_base, "--adapter", tmp_path / "n", "--ppl", small_text, "--seq-len", "64"))
+
+
+def _heldout_kl(model_dir, adapter, teacher_adapter, text):
+    from calora_cli.artifacts import open_artifact
+    from calora_cli.data import load_examples
+    from calora_cli.models import load_model, load_tokenizer
+    from calora_cli.stages.common import attach_adapter
+    from calora_cli.stages.recover import RecoverSpec, distill_terms
+
+    ex = load_examples(text, load_tokenizer(model_dir), 64)
+    b = ex.batch(torch.arange(min(8, len(ex))))
+    t = attach_adapter(load_model(model_dir), open_artifact(teacher_adapter))
+    s = load_model(model_dir)
+    if adapter is not None:
+        s = attach_adapter(s, open_artifact(adapter))
+    with torch.no_grad():
+        kw = dict(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
+        return distill_terms(s(**kw), t(**kw), b["attention_mask"], RecoverSpec("logits")).item()
+
+
+def test_lora_compressed_to_nola_by_distillation(cli, tiny_base, tiny_lora, data_dir, small_text, tmp_path):
+    train = data_dir / "shakespeare" / "train-tragedies.txt"
+    s = _ok(cli("compress", tiny_lora, "-o", tmp_path / "n", "--method", "nola", "--bases", "256,128", "--data", train,
+                "--steps", "40", "--seq-len", "64", "--batch-size", "4", "--lr", "5e-2", "--json"))
+    assert s["final_loss"] < s["first_loss"] and s["bytes_nola"] < s["bytes_lora"]
+    from safetensors.torch import load_file
+
+    lora_params = sum(t.numel() for t in load_file(tiny_lora / "adapter_model.safetensors").values())
+    assert s["compression_ratio"] == lora_params / (14 * (256 + 128))
+    # on held-out text, base + NOLA is much closer to base + LoRA than the base alone
+    before = _heldout_kl(tiny_base, None, tiny_lora, small_text)
+    after = _heldout_kl(tiny_base, tmp_path / "n", tiny_lora, small_text)
+    assert after < 0.5 * before, (before, after)
+
+
+def test_nola_compress_bad_inputs(cli, tiny_lora, tiny_base, small_text, tmp_path):
+    from helpers import one_line_error
+
+    assert "pass --data FILE" in one_line_error(cli("compress", tiny_lora, "-o", tmp_path / "o", "--method", "nola"))
+    _ok(cli("train", tiny_base, "-o", tmp_path / "n", "--data", small_text, *NOLA))
+    line = one_line_error(cli("compress", tmp_path / "n", "-o", tmp_path / "o", "--method", "nola", "--data", small_text))
+    assert "already a NOLA adapter" in line and not (tmp_path / "o").exists()
