@@ -36,15 +36,21 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def check_fits(adapter: Artifact, model: Artifact, opts: RunOptions) -> None:
+    """Refuse an adapter made for a model `model` does not descend from (unless
+    --allow-base-mismatch); warn when the adapter records no base to check against."""
+    note = check_adapter_base(adapter, model, opts.allow_base_mismatch)
+    if note:
+        opts.warn(note)
+
+
 def open_model_and_adapter(model: Path, adapter: Path | None, opts: RunOptions) -> tuple[Artifact, Artifact | None]:
     """Check a model (and an adapter meant for it) before anything heavy is loaded."""
     model_art = open_artifact(model, expect="model", role="model")
     adapter_art = None
     if adapter is not None:
         adapter_art = open_artifact(adapter, expect="adapter", role="adapter")
-        note = check_adapter_base(adapter_art, model_art, opts.allow_base_mismatch)
-        if note:
-            opts.warn(note)
+        check_fits(adapter_art, model_art, opts)
     return model_art, adapter_art
 
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from calora_cli.artifacts import atomic_output, check_adapter_base, check_output, open_artifact, read_safetensors_header, write_manifest
+from calora_cli.artifacts import atomic_output, check_output, open_artifact, read_safetensors_header, write_manifest
 from calora_cli.errors import CaloraError
-from calora_cli.stages.common import RunOptions, read_lora
+from calora_cli.stages.common import RunOptions, check_fits, read_lora
 
 
 def expected_shape(config: dict, module: str) -> tuple[int, int] | None:
@@ -54,9 +54,7 @@ def inherit(adapter: Path, base: Path, out: Path, opts: RunOptions) -> dict:
     check_output(out, opts.force)
     ad_art = open_artifact(adapter, expect="adapter", role="adapter")
     base_art = open_artifact(base, expect="model", role="base")
-    note = check_adapter_base(ad_art, base_art, opts.allow_base_mismatch)
-    if note:
-        opts.warn(note)
+    check_fits(ad_art, base_art, opts)
     factors, masked = read_lora(ad_art)
     if masked:
         raise CaloraError(f"adapter {adapter} is LoSA-masked to another base; inherit from the original LoRA")

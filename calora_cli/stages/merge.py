@@ -6,10 +6,10 @@ import json
 import shutil
 from pathlib import Path
 
-from calora_cli.artifacts import MANIFEST, atomic_output, check_adapter_base, check_output, open_artifact, write_manifest
+from calora_cli.artifacts import MANIFEST, atomic_output, check_output, open_artifact, write_manifest
 from calora_cli.errors import CaloraError
 from calora_cli.progress import progress
-from calora_cli.stages.common import RunOptions, has_recovery, read_lora
+from calora_cli.stages.common import RunOptions, check_fits, has_recovery, read_lora
 from calora_cli.tensor_io import rewrite, tensor_names
 
 
@@ -38,9 +38,7 @@ def merge(base: Path, adapters: list[Path], out: Path, opts: RunOptions, weights
     plan: dict[str, list] = {}
     masked_any = False
     for art, w in zip(arts, weights):
-        note = check_adapter_base(art, base_art, opts.allow_base_mismatch)
-        if note:
-            opts.warn(note)
+        check_fits(art, base_art, opts)
         factors, masked = read_lora(art)
         masked_any |= masked
         for module, f in factors.items():

@@ -11,10 +11,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from calora_cli.artifacts import check_adapter_base, check_output, data_input, open_artifact
+from calora_cli.artifacts import check_output, data_input, open_artifact
 from calora_cli.errors import CaloraError
 from calora_cli.progress import progress
-from calora_cli.stages.common import NOLA_FILE, RunOptions, attach_adapter, is_nola, read_lora, seed_everything
+from calora_cli.stages.common import NOLA_FILE, RunOptions, attach_adapter, check_fits, is_nola, read_lora, seed_everything
 from calora_cli.stages.recover import RecoverSpec, distill_terms
 from calora_cli.train import TrainConfig, train_loop
 
@@ -43,9 +43,7 @@ def compress_lora(adapter: Path, out: Path, data: Path, cfg: TrainConfig, opts: 
             raise CaloraError(f"adapter {adapter} records no base model: pass --base MODEL")
         base = Path(recorded)
     base_art = open_artifact(base, expect="model", role="base")
-    note = check_adapter_base(ad, base_art, opts.allow_base_mismatch)
-    if note:
-        opts.warn(note)
+    check_fits(ad, base_art, opts)
     factors, masked = read_lora(ad)
     if masked:
         raise CaloraError("LoSA-masked adapters cannot be compressed into NOLA (the mask is not a low-rank basis)")

@@ -13,10 +13,10 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from calora_cli.artifacts import atomic_output, check_adapter_base, check_output, data_input, open_artifact, write_manifest
+from calora_cli.artifacts import atomic_output, check_output, data_input, open_artifact, write_manifest
 from calora_cli.errors import CaloraError
 from calora_cli.progress import progress
-from calora_cli.stages.common import RECOVERY_FILE, RunOptions, attach_adapter, seed_everything
+from calora_cli.stages.common import RECOVERY_FILE, RunOptions, attach_adapter, check_fits, seed_everything
 from calora_cli.train import Checkpoints, TrainConfig, train_loop
 
 DISTILL = ("hidden", "logits", "both")
@@ -96,9 +96,7 @@ def recover(adapter: Path, base: Path, teacher: Path, teacher_adapter: Path, dat
     t_art = open_artifact(teacher, expect="model", role="teacher")
     ta = open_artifact(teacher_adapter, expect="adapter", role="teacher adapter")
     for a, m in ((ad, base_art), (ta, t_art)):
-        note = check_adapter_base(a, m, opts.allow_base_mismatch)
-        if note:
-            opts.warn(note)
+        check_fits(a, m, opts)
     if t_art.fingerprint not in base_art.lineage and not opts.allow_base_mismatch:
         raise CaloraError(f"{base} was not compressed from the teacher {teacher}; pass --allow-base-mismatch to use it anyway")
     examples = load_examples(data, load_tokenizer(base_art.path), cfg.seq_len)

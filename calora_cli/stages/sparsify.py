@@ -6,10 +6,10 @@ import json
 import shutil
 from pathlib import Path
 
-from calora_cli.artifacts import atomic_output, check_adapter_base, check_output, data_input, open_artifact, write_manifest
+from calora_cli.artifacts import atomic_output, check_output, data_input, open_artifact, write_manifest
 from calora_cli.errors import CaloraError
 from calora_cli.progress import progress
-from calora_cli.stages.common import MASKS_FILE, RunOptions, read_lora, seed_everything
+from calora_cli.stages.common import MASKS_FILE, RunOptions, check_fits, read_lora, seed_everything
 from calora_cli.train import TrainConfig
 
 
@@ -38,9 +38,7 @@ def sparsify_adapter(adapter: Path, base: Path, out: Path, opts: RunOptions, dat
     ad_art = open_artifact(adapter, expect="adapter", role="adapter")
     if json.loads((base_art.path / "config.json").read_text()).get("quantization_config"):
         raise CaloraError("sparsify-adapter needs a pruned, unquantized base (its zeros define the masks)")
-    note = check_adapter_base(ad_art, base_art, opts.allow_base_mismatch)
-    if note:
-        opts.warn(note)
+    check_fits(ad_art, base_art, opts)
     factors, _ = read_lora(ad_art)
     masks = base_masks(base_art, sorted(factors))
     for m, f in factors.items():
