@@ -81,13 +81,14 @@ class Checkpoints:
     FILE = "state.safetensors"
 
     def save(self, step: int, params, opt, sched, losses: list[float]) -> None:
+        import torch
         from safetensors.torch import save_file
 
         sd = opt.state_dict()
         tensors = {f"param.{i}": p.detach().contiguous() for i, p in enumerate(params)}
         for idx, st in sd["state"].items():
             for k, v in st.items():
-                tensors[f"opt.{idx}.{k}"] = v.detach().contiguous() if hasattr(v, "detach") else _t(v)
+                tensors[f"opt.{idx}.{k}"] = v.detach().contiguous() if hasattr(v, "detach") else torch.tensor(v)
         meta = {"step": step, "run": self.run, "param_groups": sd["param_groups"], "sched": sched.state_dict(), "losses": losses}
         self.directory.mkdir(parents=True, exist_ok=True)
         tmp = self.directory / (self.FILE + ".tmp")
@@ -115,12 +116,6 @@ class Checkpoints:
         opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
         sched.load_state_dict(meta["sched"])
         return meta["step"], meta["losses"]
-
-
-def _t(v):
-    import torch
-
-    return torch.tensor(v)
 
 
 def train_loop(

@@ -147,7 +147,7 @@ def compress_model(model_dir: Path, out: Path, spec: CompressSpec, opts: RunOpti
 
 def _prune(model, calib, spec: CompressSpec, nm, opts: RunOptions) -> dict:
     from calora_cli.compress import allocation
-    from calora_cli.compress.sequential import decoder_layers, input_grams, prune_sequential
+    from calora_cli.compress.sequential import block_linears, decoder_layers, input_grams, prune_sequential
 
     n_blocks = len(decoder_layers(model))
     if spec.allocation == "rmi":
@@ -164,10 +164,9 @@ def _prune(model, calib, spec: CompressSpec, nm, opts: RunOptions) -> dict:
             reports.append(r)
     zeros = total = 0
     for block in decoder_layers(model):
-        for m in block.modules():
-            if type(m).__name__ == "Linear":
-                zeros += (m.weight == 0).sum().item()
-                total += m.weight.numel()
+        for lin in block_linears(block).values():
+            zeros += (lin.weight == 0).sum().item()
+            total += lin.weight.numel()
     out = {
         "sparsity": zeros / total,
         "layer_rates": [r.rate for r in reports],
@@ -215,9 +214,9 @@ def _quantized_errors(model, src: Path, calib, opts: RunOptions) -> dict:
     """Relative output error of each quantized block against the same block with the source's weights."""
     if calib is None:
         return {}
-    from calora_cli.compress.sequential import block_errors
+    from calora_cli.compress.sequential import block_errors, decoder_layers
 
-    layer_cls = type(model.model.layers[0])
+    layer_cls = type(decoder_layers(model)[0])
     config = model.config
 
     def dense_block(i: int):

@@ -83,7 +83,7 @@ def _train_nola(base_art, data, examples, model, out, cfg, opts, rank, alpha, ta
     with progress("train nola", cfg.steps, opts.show_progress) as advance:
         metrics = train_loop(model, model.parameters(), batches(examples, cfg.batch_size, cfg.seed), cfg, on_step=advance)
     metrics.update(trainable_params=trainable, examples=len(examples))
-    params = {**{key: v for key, v in cfg.as_params().items() if key != "seed"}}
+    params = {key: v for key, v in cfg.as_params().items() if key != "seed"}
     save_nola(out, opts, layers, rank, alpha, k, l, shared, cfg.seed, targets, params, metrics,
               stage="train", inputs={"base": base_art.input_record(), "data": data_input(data)},
               base_fingerprint=base_art.fingerprint)
