@@ -417,13 +417,22 @@ def merge(
     keep_sparsity: Annotated[
         bool, typer.Option("--keep-sparsity", help="Mask the deltas with the base's non-zeros (automatic for sparsified adapters).")
     ] = False,
+    dense: Annotated[
+        bool, typer.Option("--dense", help="GPTQ base: write the merged model unquantized instead of re-quantizing it.")
+    ] = False,
+    grid: Annotated[
+        str, typer.Option("--grid", help="GPTQ base: re-quantize onto a fresh per-group grid, or keep each layer's scales "
+                          "and zero points (small deltas then round away).")
+    ] = "fresh",
     allow_base_mismatch: AllowMismatch = False,
     force: Force = False,
     json_: Json = False,
     quiet: Quiet = False,
     debug: Debug = False,
 ) -> None:
-    """Fold adapters into a base, one tensor at a time: W + sum_k w_k s_k B_k A_k (masked to the base's zeros with --keep-sparsity)."""
+    """Fold adapters into a base, one tensor at a time: W + sum_k w_k s_k B_k A_k (masked to the base's zeros with --keep-sparsity).
+
+    GPTQ bases: each adapted layer is dequantized, merged and re-quantized (round-to-nearest, same bits and groups)."""
     from calora_cli.stages.merge import merge as run
 
     wlist = None
@@ -432,7 +441,8 @@ def merge(
             wlist = [float(w) for w in weights.split(",")]
         except ValueError:
             raise CaloraError(f"--weights must be a comma list of numbers, got {weights!r}") from None
-    _emit(run(base, adapter, output, _opts(force=force, quiet=quiet, allow=allow_base_mismatch), weights=wlist, keep_sparsity=keep_sparsity), json_)
+    _emit(run(base, adapter, output, _opts(force=force, quiet=quiet, allow=allow_base_mismatch), weights=wlist, keep_sparsity=keep_sparsity,
+              dense=dense, grid=grid), json_)
 
 
 def main() -> None:

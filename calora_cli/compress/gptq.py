@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from calora_cli.compress.gptq_format import check_bits, pack, unpack, zero_points
 from calora_cli.errors import CaloraError
 from calora_cli.models import library_chatter_hidden
 
@@ -69,31 +70,6 @@ def strip_calibration(config_path: Path) -> None:
         config_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
-def _unpack(packed, bits: int, rows_packed: bool):
-    """int32 words holding 32/bits codes each -> codes, along rows (qweight) or columns (qzeros)."""
-    import torch
-
-    per = 32 // bits
-    shifts = torch.arange(per, dtype=torch.int32) * bits
-    if rows_packed:  # qweight: (in/per, out) -> (in, out)
-        codes = (packed.unsqueeze(1) >> shifts[None, :, None]) & (2**bits - 1)
-        return codes.reshape(-1, packed.shape[1])
-    codes = (packed.unsqueeze(2) >> shifts[None, None, :]) & (2**bits - 1)  # qzeros: (g, out/per) -> (g, out)
-    return codes.reshape(packed.shape[0], -1)
-
-
-def _pack_rows(codes, bits: int):
-    import torch
-
-    per = 32 // bits
-    grouped = codes.reshape(-1, per, codes.shape[1]).to(torch.int64)
-    word = torch.zeros(grouped.shape[0], grouped.shape[2], dtype=torch.int64)
-    for j in range(per):
-        word |= grouped[:, j, :] << (bits * j)
-    # reinterpret the low 32 bits as a signed int32, as the packed format stores them
-    return torch.where(word >= 2**31, word - 2**32, word).to(torch.int32)
-
-
 def keep_zeros(module, keep) -> int:
     """Give every pruned weight of a GPTQ linear its group's zero code, which dequantizes to exactly 0.
 
@@ -104,12 +80,12 @@ def keep_zeros(module, keep) -> int:
     import torch
 
     bits = module.bits
-    if bits not in (2, 4, 8):
-        raise CaloraError(f"--then gptq supports 2/4/8-bit packing, got {bits}")
-    codes = _unpack(module.qweight, bits, rows_packed=True)[: module.in_features]
-    zeros = _unpack(module.qzeros, bits, rows_packed=False)[:, : module.out_features]
+    check_bits(bits)
+    codes = unpack(module.qweight, bits, rows_packed=True)[: module.in_features]
+    # loaded modules hold v2 zero points whatever the checkpoint format
+    zeros = zero_points(module.qzeros, bits, v1=False, out_features=module.out_features)
     zero_codes = zeros[module.g_idx.long()]  # (in, out)
     new = torch.where(keep.T, codes, zero_codes)
     changed = int((new != codes).sum())
-    module.qweight.data.copy_(_pack_rows(new, bits))
+    module.qweight.data.copy_(pack(new, bits, rows_packed=True))
     return changed

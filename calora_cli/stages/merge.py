@@ -1,20 +1,177 @@
-"""`calora merge`: fold adapters into a base, one tensor at a time, keeping sparsity when asked."""
+"""`calora merge`: fold adapters into a base, one tensor at a time, keeping sparsity when asked.
+
+Dense and pruned bases: W' = W + sum_k w_k s_k B_k A_k (masked to W != 0 when sparsity is kept).
+GPTQ bases: each adapted linear is dequantized, merged, and re-quantized round-to-nearest onto a
+fresh grid with the same bits, group size and groups (peft refuses to merge into GPTQ layers);
+`--dense` instead writes every linear dequantized and drops the quantization config.
+"""
 
 from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
-from calora_cli.artifacts import MANIFEST, atomic_output, check_output, open_artifact, write_manifest
+from calora_cli.artifacts import MANIFEST, atomic_output, check_output, open_artifact, read_safetensors_header, write_manifest
 from calora_cli.errors import CaloraError
 from calora_cli.progress import progress
 from calora_cli.stages.common import RunOptions, check_fits, has_recovery, read_lora
-from calora_cli.tensor_io import rewrite, tensor_names
+from calora_cli.tensor_io import dtype_code, tensor_names, write_tensors
+
+
+GRIDS = ("fresh", "keep")
+
+
+@dataclass
+class Gptq:
+    """What re-quantizing needs from a GPTQ base's quantization_config."""
+
+    bits: int
+    sym: bool
+    v1: bool
+    grid: str = "fresh"
+
+    @classmethod
+    def from_config(cls, q: dict, grid: str) -> "Gptq":
+        from calora_cli.compress.gptq_format import check_bits, is_v1
+
+        check_bits(q["bits"])
+        return cls(bits=q["bits"], sym=bool(q.get("sym", True)), v1=is_v1(q), grid=grid)
+
+
+def _quantization(config: dict, grid: str) -> Gptq | None:
+    q = config.get("quantization_config")
+    if not q:
+        return None
+    method = q.get("quant_method", "quantized")
+    if method != "gptq":
+        raise CaloraError(
+            f"merging into a {method} base is not supported: bitsandbytes quantizes when the model loads, so merge into "
+            "the unquantized model and `calora compress` the result with the same method"
+        )
+    return Gptq.from_config(q, grid)
+
+
+class _Folder:
+    """Adds the planned deltas to weights and keeps the counts the report needs."""
+
+    def __init__(self, plan: dict, keep: bool, advance):
+        self.plan, self.keep, self.advance = plan, keep, advance
+        self.stats = {"merged_modules": 0, "zeros_before": 0, "zeros_after": 0, "elements": 0,
+                      "requant_error": 0.0, "delta_kept": 0.0, "requantized": 0}
+
+    def delta(self, module: str, W):
+        delta = sum(w * f.delta() for w, f in self.plan[module])
+        if delta.shape != W.shape:
+            raise CaloraError(f"shape mismatch at {module}: the base weight is {tuple(W.shape)}, the adapter's delta {tuple(delta.shape)}")
+        return delta * (W != 0) if self.keep else delta
+
+    def count(self, W, new) -> None:
+        self.stats["merged_modules"] += 1
+        self.stats["zeros_before"] += int((W == 0).sum())
+        self.stats["zeros_after"] += int((new == 0).sum())
+        self.stats["elements"] += W.numel()
+        self.advance()
+
+    def dense(self, module: str, W):
+        new = (W.float() + self.delta(module, W)).to(W.dtype)
+        self.count(W, new)
+        return new
+
+    def requantized(self, module: str, parts: dict, gptq: Gptq) -> dict:
+        from calora_cli.compress.gptq_format import dequantize, quantize_rtn, round_onto_grid
+
+        W = dequantize(parts, gptq.bits, gptq.v1)
+        delta = self.delta(module, W)
+        if gptq.grid == "keep":  # the layer's own scales and zero points
+            new = round_onto_grid(W + delta, parts, gptq.bits, gptq.v1)
+        else:
+            new = quantize_rtn(W + delta, parts["g_idx"], gptq.bits, gptq.sym, gptq.v1, parts["scales"].dtype)
+        W_new = dequantize(new, gptq.bits, gptq.v1)
+        # how far re-quantizing moved the merged weight, and how much of the delta survived the grid
+        self.stats["requant_error"] += float((W_new - W - delta).norm() / (W + delta).norm().clamp_min(1e-12))
+        self.stats["delta_kept"] += float(((W_new - W) * delta).sum() / (delta * delta).sum().clamp_min(1e-30))
+        self.stats["requantized"] += 1
+        self.count(W, W_new)
+        return new
+
+
+def _dense_dtype(config: dict):
+    import torch
+
+    name = config.get("dtype") or config.get("torch_dtype") or "float32"
+    return getattr(torch, name) if isinstance(getattr(torch, name, None), torch.dtype) else torch.float32
+
+
+def _merge_shard(src: Path, dst: Path, folder: _Folder, gptq: Gptq | None, dense: bool, dense_dtype) -> None:
+    from safetensors import safe_open
+
+    from calora_cli.compress.gptq_format import PARTS
+
+    header = read_safetensors_header(src)
+    names = tensor_names(src)
+    quantized = {n.removesuffix(".qweight") for n in names if n.endswith(".qweight")} if gptq else set()
+    for m in sorted(quantized):
+        lost = [p for p in PARTS if f"{m}.{p}" not in header]
+        if lost:
+            raise CaloraError(f"{src.name}: GPTQ layer {m} has no {lost[0]} in the same file")
+    entries = []
+    for n in names:
+        module, _, part = n.rpartition(".")
+        if module in quantized and part in PARTS:
+            if dense:
+                if part == "qweight":
+                    shape = [header[f"{module}.scales"]["shape"][1], header[f"{module}.g_idx"]["shape"][0]]
+                    entries.append((f"{module}.weight", dtype_code(dense_dtype), shape))
+                continue
+        entries.append((n, header[n]["dtype"], header[n]["shape"]))
+
+    done: dict[str, dict] = {}
+    with safe_open(src, framework="pt") as f:
+
+        def parts(module: str) -> dict:
+            return {p: f.get_tensor(f"{module}.{p}") for p in PARTS}
+
+        def produce(name: str):
+            from calora_cli.compress.gptq_format import dequantize
+
+            module, _, part = name.rpartition(".")
+            if module in quantized and dense:
+                W = dequantize(parts(module), gptq.bits, gptq.v1)
+                return folder.dense(module, W).to(dense_dtype) if module in folder.plan else W.to(dense_dtype)
+            if module in quantized and module in folder.plan:
+                if module not in done:
+                    done[module] = folder.requantized(module, parts(module), gptq)
+                return done[module].pop(part)
+            if part == "weight" and module in folder.plan:
+                return folder.dense(module, f.get_tensor(name))
+            return f.get_tensor(name)
+
+        try:
+            write_tensors(dst, entries, produce, header.get("__metadata__"))
+        except (OSError, RuntimeError) as e:
+            raise CaloraError(f"cannot read {src}: {str(e).splitlines()[0]}") from e
+
+
+def _reindex(folder: Path) -> None:
+    """Rebuild a sharded model's index from its shards (dequantizing renamed and dropped tensors)."""
+    from calora_cli.tensor_io import tensor_bytes
+
+    for index in folder.glob("*.safetensors.index.json"):
+        doc = json.loads(index.read_text())
+        weight_map, total = {}, 0
+        for shard in sorted(set(doc["weight_map"].values())):
+            for name in tensor_names(folder / shard):
+                weight_map[name] = shard
+            total += tensor_bytes(folder / shard)
+        doc["weight_map"] = dict(sorted(weight_map.items()))
+        doc.setdefault("metadata", {})["total_size"] = total
+        index.write_text(json.dumps(doc, indent=2) + "\n")
 
 
 def merge(base: Path, adapters: list[Path], out: Path, opts: RunOptions, weights: list[float] | None = None,
-          keep_sparsity: bool = False) -> dict:
+          keep_sparsity: bool = False, dense: bool = False, grid: str = "fresh") -> dict:
     check_output(out, opts.force)
     if not adapters:
         raise CaloraError("give at least one --adapter")
@@ -22,12 +179,12 @@ def merge(base: Path, adapters: list[Path], out: Path, opts: RunOptions, weights
     if len(weights) != len(adapters):
         raise CaloraError(f"--weights has {len(weights)} values for {len(adapters)} adapters")
     base_art = open_artifact(base, expect="model", role="base")
-    q = json.loads((base_art.path / "config.json").read_text()).get("quantization_config")
-    if q:
-        raise CaloraError(
-            f"merging into a {q.get('quant_method', 'quantized')} base is not built yet: merge into the unquantized model, "
-            "then `calora compress` the merged model"
-        )
+    config = json.loads((base_art.path / "config.json").read_text())
+    if grid not in GRIDS:
+        raise CaloraError(f"--grid must be one of {', '.join(GRIDS)}, got {grid!r}")
+    gptq = _quantization(config, grid)
+    if dense and gptq is None:
+        opts.warn("--dense has no effect: the base is not quantized")
     arts = [open_artifact(a, expect="adapter", role="adapter") for a in adapters]
     for art in arts:
         if has_recovery(art):
@@ -42,37 +199,28 @@ def merge(base: Path, adapters: list[Path], out: Path, opts: RunOptions, weights
         factors, masked = read_lora(art)
         masked_any |= masked
         for module, f in factors.items():
-            plan.setdefault(f"{module}.weight", []).append((w, f))
+            plan.setdefault(module, []).append((w, f))
     keep = keep_sparsity or masked_any
-    present = {name for shard in base_art.weights for name in tensor_names(shard)}
+    suffix = ".qweight" if gptq else ".weight"
+    present = {n.removesuffix(suffix) for shard in base_art.weights for n in tensor_names(shard) if n.endswith(suffix)}
     missing = sorted(set(plan) - present)
     if missing:
-        raise CaloraError(f"the base has no weight {missing[0]} that the adapter adapts ({len(missing)} missing)")
-
-    stats = {"merged_modules": 0, "zeros_before": 0, "zeros_after": 0, "elements": 0}
-
-    def fold(name, W):
-        if name not in plan:
-            return W
-        delta = sum(w * f.delta() for w, f in plan[name])
-        if delta.shape != W.shape:
-            raise CaloraError(f"shape mismatch at {name}: the base weight is {tuple(W.shape)}, the adapter's delta {tuple(delta.shape)}")
-        if keep:
-            delta = delta * (W != 0)
-        new = (W.float() + delta).to(W.dtype)
-        stats["merged_modules"] += 1
-        stats["zeros_before"] += int((W == 0).sum())
-        stats["zeros_after"] += int((new == 0).sum())
-        stats["elements"] += W.numel()
-        advance()
-        return new
+        raise CaloraError(f"the base has no weight {missing[0]}{suffix} that the adapter adapts ({len(missing)} missing)")
 
     with atomic_output(out, opts.force) as tmp, progress("merge", len(plan), opts.show_progress) as advance:
+        folder = _Folder(plan, keep, advance)
         for f in base_art.path.iterdir():
             if f.is_file() and f.suffix != ".safetensors" and f.name != MANIFEST:
                 shutil.copy2(f, tmp / f.name)
+        if gptq and dense:
+            config.pop("quantization_config")
+            (tmp / "quantize_config.json").unlink(missing_ok=True)
+            (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         for shard in base_art.weights:
-            rewrite(shard, tmp / shard.relative_to(base_art.path), fold)
+            _merge_shard(shard, tmp / shard.relative_to(base_art.path), folder, gptq, dense, _dense_dtype(config))
+        if gptq and dense:
+            _reindex(tmp)
+        stats = folder.stats
         n = max(1, stats["elements"])
         metrics = {
             "merged_modules": stats["merged_modules"],
@@ -80,10 +228,17 @@ def merge(base: Path, adapters: list[Path], out: Path, opts: RunOptions, weights
             "sparsity_after": stats["zeros_after"] / n,
             "zeros_filled": max(0, stats["zeros_before"] - stats["zeros_after"]),
         }
+        if stats["requantized"]:
+            metrics["requant_rel_error"] = stats["requant_error"] / stats["requantized"]
+            metrics["delta_kept"] = stats["delta_kept"] / stats["requantized"]
         inputs = {"base": base_art.input_record(), **{f"adapter{i}": a.input_record() for i, a in enumerate(arts)}}
         params = {"weights": weights, "keep_sparsity": keep, "adapters": len(arts)}
+        if gptq:
+            params["quantized"] = "dense" if dense else f"gptq{gptq.bits} re-quantized round-to-nearest, {grid} grid"
         write_manifest(tmp, kind="model", stage="merge", params=params, inputs=inputs, metrics=metrics, lineage=base_art.lineage)
-    if metrics["zeros_filled"] and not keep:
+    # a GPTQ layer's zero codes are values, not pruning, unless the base was pruned before GPTQ
+    pruned = gptq is None or bool((base_art.manifest or {}).get("params", {}).get("sparsity"))
+    if metrics["zeros_filled"] and not keep and pruned:
         opts.warn(f"the merge filled {metrics['zeros_filled']} zeros of the base's adapted layers "
                   f"(sparsity {metrics['sparsity_before']:.1%} -> {metrics['sparsity_after']:.1%}); "
                   "use --keep-sparsity or a sparsified adapter to keep them")
