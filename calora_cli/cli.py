@@ -390,6 +390,17 @@ def sparsify_adapter(
     lr: Annotated[float, typer.Option("--lr")] = 1e-3,
     batch_size: Annotated[int, typer.Option("--batch-size")] = 8,
     seq_len: Annotated[int, typer.Option("--seq-len")] = 256,
+    rank_allocation: Annotated[
+        str, typer.Option("--rank-allocation", help="uniform: keep the adapter's rank; error: per-block ranks from the "
+                          "block's dense-vs-sparse output error, same total rank (needs --data).")
+    ] = "uniform",
+    max_rank: Annotated[Optional[int], typer.Option("--max-rank", help="Cap for allocated ranks (default: twice the adapter's).")] = None,
+    distill_from: Annotated[
+        Optional[Path], typer.Option("--distill-from", help="The dense model the adapter was trained on: distil from it + the adapter.")
+    ] = None,
+    distill: Annotated[str, typer.Option("--distill", help="hidden (final hidden-state MSE), logits (KL) or both.")] = "hidden",
+    distill_weight: Annotated[float, typer.Option("--distill-weight", help="Weight of the distillation term.")] = 1.0,
+    temperature: Annotated[float, typer.Option("--temperature", help="Logit distillation temperature.")] = 1.0,
     allow_base_mismatch: AllowMismatch = False,
     seed: Seed = 0,
     device: Device = "cpu",
@@ -400,11 +411,16 @@ def sparsify_adapter(
     debug: Debug = False,
 ) -> None:
     """LoSA: mask an adapter's delta to a sparse base's non-zeros (with --data: fine-tune it masked), so it merges without filling zeros."""
+    from calora_cli.stages.recover import RecoverSpec
+    from calora_cli.stages.sparsify import LosaSpec
     from calora_cli.stages.sparsify import sparsify_adapter as run
     from calora_cli.train import TrainConfig
 
     cfg = TrainConfig(steps=steps, lr=lr, batch_size=batch_size, seq_len=seq_len, seed=seed) if data else None
-    _emit(run(adapter, base, output, _opts(device, dtype, seed, force, quiet, allow_base_mismatch), data=data, cfg=cfg), json_)
+    losa = LosaSpec(rank_allocation, max_rank, distill_from,
+                    RecoverSpec(distill=distill, distill_weight=distill_weight, temperature=temperature))
+    _emit(run(adapter, base, output, _opts(device, dtype, seed, force, quiet, allow_base_mismatch), data=data, cfg=cfg,
+              losa=losa), json_)
 
 
 @app.command()

@@ -128,7 +128,7 @@ def compress_model(model_dir: Path, out: Path, spec: CompressSpec, opts: RunOpti
 
             model = bnb.quantize(src.path, spec.method)
         if spec.method in QUANTIZERS or spec.then:
-            metrics.update(_quantized_errors(model, src.path, calib, opts))
+            metrics.update(block_errors_against(model, src.path, calib))
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         if spec.method == "gptq" or spec.then == "gptq":
@@ -210,8 +210,8 @@ def _reimpose_masks(model, masks: dict, metrics: dict) -> None:
     metrics["sparsity"] = zeros / total
 
 
-def _quantized_errors(model, src: Path, calib, opts: RunOptions) -> dict:
-    """Relative output error of each quantized block against the same block with the source's weights."""
+def block_errors_against(model, src: Path, calib) -> dict:
+    """Relative output error of each (compressed) block against the same block with the weights of `src`."""
     if calib is None:
         return {}
     from calora_cli.compress.sequential import block_errors, decoder_layers

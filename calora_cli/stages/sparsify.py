@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from calora_cli.artifacts import atomic_output, check_output, data_input, open_artifact, write_manifest
 from calora_cli.errors import CaloraError
 from calora_cli.progress import progress
-from calora_cli.stages.common import MASKS_FILE, RunOptions, check_fits, read_lora, seed_everything
+from calora_cli.stages.common import MASKS_FILE, RunOptions, attach_adapter, check_fits, read_lora, seed_everything
+from calora_cli.stages.recover import RecoverSpec
 from calora_cli.train import TrainConfig
 
 
@@ -25,15 +27,38 @@ def base_masks(base, modules: list[str]) -> dict:
     return masks
 
 
+@dataclass
+class LosaSpec:
+    """What LoSA fine-tuning adds to plain masked training."""
+
+    rank_allocation: str = "uniform"
+    max_rank: int | None = None  # default: twice the adapter's rank
+    distill_from: Path | None = None  # the dense model the adapter was trained on: teacher = it + the adapter
+    distill: RecoverSpec = field(default_factory=RecoverSpec)
+
+    def check(self) -> None:
+        from calora_cli.adapters.rank_allocation import MODES
+
+        if self.rank_allocation not in MODES:
+            raise CaloraError(f"--rank-allocation must be one of {', '.join(MODES)}, got {self.rank_allocation!r}")
+        if self.max_rank is not None and self.max_rank < 1:
+            raise CaloraError(f"--max-rank must be at least 1, got {self.max_rank}")
+        self.distill.check()
+
+
 def sparsify_adapter(adapter: Path, base: Path, out: Path, opts: RunOptions, data: Path | None = None,
-                     cfg: TrainConfig | None = None) -> dict:
+                     cfg: TrainConfig | None = None, losa: LosaSpec | None = None) -> dict:
     from safetensors.torch import save_file
 
     from calora_cli.adapters.masked import pack, removed_energy
 
     check_output(out, opts.force)
+    losa = losa or LosaSpec()
+    losa.check()
     if cfg is not None:
         cfg.check()
+    if data is None and (losa.rank_allocation != "uniform" or losa.distill_from is not None):
+        raise CaloraError("--rank-allocation error and --distill-from shape LoSA fine-tuning: give --data too")
     base_art = open_artifact(base, expect="model", role="base")
     ad_art = open_artifact(adapter, expect="adapter", role="adapter")
     if json.loads((base_art.path / "config.json").read_text()).get("quantization_config"):
@@ -60,8 +85,14 @@ def sparsify_adapter(adapter: Path, base: Path, out: Path, opts: RunOptions, dat
             for name in ("adapter_config.json", "adapter_model.safetensors"):
                 shutil.copy2(ad_art.path / name, tmp / name)
         else:
-            metrics.update(_train_masked(base_art, ad_art, data, cfg or TrainConfig(), opts, tmp))
-            params.update(cfg.as_params() if cfg else TrainConfig().as_params())
+            cfg = cfg or TrainConfig()
+            teacher = _teacher(losa, base_art, opts)
+            metrics.update(_train_masked(base_art, ad_art, data, cfg, losa, teacher, opts, tmp))
+            params.update(cfg.as_params())
+            params.update(rank_allocation=losa.rank_allocation, distill_from=teacher is not None)
+            if teacher is not None:
+                params.update(distill=losa.distill.distill, distill_weight=losa.distill.distill_weight,
+                              temperature=losa.distill.temperature)
         packed = {m: pack(mask) for m, mask in masks.items()}
         shapes = json.dumps({m: list(mask.shape) for m, mask in masks.items()}, sort_keys=True)
         # one metadata key only: safetensors writes metadata in hash-map order, so two keys would
@@ -70,26 +101,93 @@ def sparsify_adapter(adapter: Path, base: Path, out: Path, opts: RunOptions, dat
         inputs = {"adapter": ad_art.input_record(), "base": base_art.input_record()}
         if data is not None:
             inputs["data"] = data_input(data)
+        if losa.distill_from is not None:
+            inputs["distill_from"] = open_artifact(losa.distill_from, expect="model", role="teacher").input_record()
         write_manifest(tmp, kind="adapter", stage="sparsify-adapter", params=params, inputs=inputs, metrics=metrics,
                        base_fingerprint=base_art.fingerprint,
                        extra_files={MASKS_FILE: "LoSA masks: base weight != 0 per adapted module, packed bits (np.packbits)"})
     return {"output": str(out), "mean_removed_energy": metrics["mean_removed_energy"], "base_sparsity": metrics["base_sparsity"],
-            **{k: v for k, v in metrics.items() if k in ("first_loss", "final_loss")}}
+            **{k: v for k, v in metrics.items() if k in ("first_loss", "final_loss", "block_ranks")}}
 
 
-def _train_masked(base_art, ad_art, data: Path, cfg: TrainConfig, opts: RunOptions, tmp: Path) -> dict:
-    """LoSA fine-tuning: the LoRA trains with its delta masked in every forward pass."""
+def _teacher(losa: LosaSpec, base_art, opts: RunOptions):
+    """The dense model the base was pruned from (for distillation and for measuring block errors)."""
+    if losa.distill_from is None:
+        return None
+    t_art = open_artifact(losa.distill_from, expect="model", role="teacher")
+    if t_art.fingerprint not in base_art.lineage and not opts.allow_base_mismatch:
+        raise CaloraError(f"{base_art.path} was not pruned from {losa.distill_from}; pass --allow-base-mismatch to use it anyway")
+    return t_art
+
+
+def _block_errors(base_art, teacher, model, examples, opts: RunOptions) -> list[float]:
+    """Each block's relative output error against its dense twin: recorded by `calora compress`,
+    else measured on the first training examples against --distill-from."""
+    import torch
+
+    recorded = (base_art.manifest or {}).get("metrics", {}).get("block_rel_error")
+    if recorded:
+        return recorded
+    if teacher is None:
+        raise CaloraError(f"base {base_art.path} records no block errors (not pruned by calora compress with calibration "
+                          "text): pass --distill-from ORIGINAL to measure them")
+    from calora_cli.stages.compress import block_errors_against
+
+    calib = examples.batch(torch.arange(min(8, len(examples))))["input_ids"]
+    return block_errors_against(model, teacher.path, calib)["block_rel_error"]
+
+
+def _allocated_adapter(ad_art, errors: list[float], losa: LosaSpec, seed: int, into: Path) -> tuple[Path, list[int]]:
+    """The adapter resized to error-allocated ranks, written to `into` for peft to load."""
+    from safetensors.torch import load_file, save_file
+
+    from calora_cli.adapters import rank_allocation
+
+    config = json.loads((ad_art.path / "adapter_config.json").read_text())
+    state = load_file(ad_art.path / "adapter_model.safetensors")
+    factors, _ = read_lora(ad_art)
+    ranks_seen = {f.A.shape[0] for f in factors.values()}
+    if len(ranks_seen) != 1:
+        raise CaloraError(f"--rank-allocation error needs an adapter with one rank everywhere, found {sorted(ranks_seen)}")
+    r = ranks_seen.pop()
+    ranks = rank_allocation.allocate(errors, r, losa.max_rank or 2 * r)
+    per_module = {m: ranks[rank_allocation.block_of(m)] for m in factors}
+    state, config = rank_allocation.resize(state, config, per_module, seed)
+    into.mkdir()
+    save_file(state, into / "adapter_model.safetensors", metadata={"format": "pt"})
+    (into / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+    return into, ranks
+
+
+def _train_masked(base_art, ad_art, data: Path, cfg: TrainConfig, losa: LosaSpec, teacher, opts: RunOptions, tmp: Path) -> dict:
+    """LoSA fine-tuning: the LoRA trains with its delta masked in every forward pass, optionally at
+    error-allocated ranks and with distillation from the dense model + the original adapter."""
     from calora_cli.adapters.masked import apply_masks
     from calora_cli.data import batches, load_examples
     from calora_cli.models import load_adapter, load_model, load_tokenizer
-    from calora_cli.train import train_loop
+    from calora_cli.stages.recover import make_loss
+    from calora_cli.train import causal_lm_loss, train_loop
 
     examples = load_examples(data, load_tokenizer(base_art.path), cfg.seq_len)
     seed_everything(cfg.seed)
-    model = load_adapter(load_model(base_art.path, opts.device, opts.dtype), ad_art.path, trainable=True)
+    model = load_model(base_art.path, opts.device, opts.dtype)
+    metrics: dict = {}
+    source = ad_art.path
+    if losa.rank_allocation == "error":
+        errors = _block_errors(base_art, teacher, model, examples, opts)
+        source, ranks = _allocated_adapter(ad_art, errors, losa, cfg.seed, tmp / ".resized")
+        metrics.update(block_errors=errors, block_ranks=ranks)
+    model = load_adapter(model, source, trainable=True)
     apply_masks(model)
+    loss_fn = causal_lm_loss
+    if teacher is not None:
+        teacher_model = attach_adapter(load_model(teacher.path, opts.device, opts.dtype), ad_art)
+        teacher_model.requires_grad_(False).eval()
+        loss_fn = make_loss(teacher_model, losa.distill)
     with progress("losa", cfg.steps, opts.show_progress) as advance:
-        metrics = train_loop(model, model.parameters(), batches(examples, cfg.batch_size, cfg.seed), cfg, on_step=advance)
+        metrics.update(train_loop(model, model.parameters(), batches(examples, cfg.batch_size, cfg.seed), cfg,
+                                  loss_fn=loss_fn, on_step=advance))
     model.save_pretrained(tmp)
     (tmp / "README.md").unlink(missing_ok=True)
+    shutil.rmtree(tmp / ".resized", ignore_errors=True)
     return metrics
