@@ -1,5 +1,6 @@
 """The recipes run end to end in CI-sized settings (full settings are run by hand)."""
 
+import json
 import subprocess
 import sys
 
@@ -21,3 +22,23 @@ def test_ca_lora_recipe_smoke(tiny_base, small_text, calib_text, tmp_path):
     for arm in ("1. original", "2. compressed + original LoRA", "3. compressed + new LoRA", "4. compressed + inherited", "5. CA-LoRA"):
         assert arm in table
     assert table.count("±") == 3  # three trained arms, mean ± std over two seeds
+
+
+def test_losa_recipe_smoke(tiny_base, small_text, calib_text, tmp_path):
+    out = tmp_path / "losa"
+    cmd = [
+        "make", "-s", "-C", str(REPO / "recipes"), "losa",
+        f"CALORA={sys.executable} -m calora_cli", f"PY={sys.executable}",
+        f"LOSA_MODEL={tiny_base}", f"LOSA={out}", f"LOSA_DATA={small_text}", f"LOSA_EVAL={small_text}",
+        f"LOSA_CALIB={calib_text}", "LOSA_STEPS=2", "LOSA_SEEDS=0", "LOSA_SEQ=64", "LOSA_BS=2",
+        "LOSA_CALIB_SAMPLES=4", "LOSA_TASK_LIMIT=5", "LOSA_BASES=w50-rmi",
+    ]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    table = (out / "results.md").read_text()
+    for arm in ("no LoRA", "merged naively", "masked as-is", "LoSA masked fine-tuning", "error ranks + distillation"):
+        assert table.count(arm) == 3  # perplexity, accuracy and sparsity tables
+    naive = json.loads((out / "w50-rmi" / "naive" / "merge.json").read_text())
+    losa = json.loads((out / "w50-rmi" / "losa-s0" / "merge.json").read_text())
+    assert naive["sparsity_after"] < naive["sparsity_before"]  # the naive merge refilled zeros
+    assert losa["zeros_filled"] == 0 and losa["sparsity_after"] >= losa["sparsity_before"]

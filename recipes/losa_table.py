@@ -1,0 +1,103 @@
+"""Results tables of recipes/losa.mk: perplexity, task accuracy and merged sparsity per arm and base."""
+
+import json
+import statistics
+import sys
+from pathlib import Path
+
+# (directory, label, per seed?)
+ARMS = [
+    ("", "sparse model, no LoRA", False),
+    ("naive", "+ LoRA merged naively", False),
+    ("masked", "+ LoRA masked as-is (no training)", False),
+    ("losa", "+ LoSA masked fine-tuning", True),
+    ("full", "+ LoSA, error ranks + distillation", True),
+]
+
+
+def load(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def runs(root: Path, base: str, arm: str, per_seed: bool, seeds: list[str], name: str) -> list[Path]:
+    if not arm:
+        return [root / base / "eval-base.json"]
+    dirs = [root / base / f"{arm}-s{s}" for s in seeds] if per_seed else [root / base / arm]
+    return [d / name for d in dirs]
+
+
+def accuracy(result: dict) -> float:
+    tasks = result.get("tasks", {})
+    return statistics.mean(t["acc"] for t in tasks.values()) if tasks else float("nan")
+
+
+def cell(values: list[float], fmt: str = "{:.2f}") -> str:
+    if len(values) == 1:
+        return fmt.format(values[0])
+    return f"{fmt.format(statistics.mean(values))} ± {fmt.format(statistics.stdev(values))}"
+
+
+def sparsity(root: Path, base: str, arm: str, per_seed: bool, seeds: list[str]) -> str:
+    if not arm:
+        return f"{load(root / base / 'model' / 'calora.json')['metrics']['sparsity']:.1%}"
+    values = [load(p)["sparsity_after"] for p in runs(root, base, arm, per_seed, seeds, "merge.json")]
+    return f"{min(values):.1%}"
+
+
+def table(title: str, bases: list[str], rows: list[tuple[str, list[str]]]) -> None:
+    print(f"{title}\n")
+    print("| arm | " + " | ".join(bases) + " |")
+    print("|---|" + "---|" * len(bases))
+    for label, cells in rows:
+        print(f"| {label} | " + " | ".join(cells) + " |")
+    print()
+
+
+def plot(root: Path, bases: list[str], seeds: list[str], out: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"(no plot: pip install matplotlib, or '.[recipes]', to draw {out.name})", file=sys.stderr)
+        return
+    fig, ax = plt.subplots(figsize=(8, 4))
+    width = 0.8 / len(ARMS)
+    for k, (arm, label, per_seed) in enumerate(ARMS):
+        means, stds = [], []
+        for b in bases:
+            vals = [load(p)["perplexity"] for p in runs(root, b, arm, per_seed, seeds, "eval.json")]
+            means.append(statistics.mean(vals))
+            stds.append(statistics.stdev(vals) if len(vals) > 1 else 0.0)
+        ax.bar([i + k * width for i in range(len(bases))], means, width, yerr=stds, label=label)
+    ax.axhline(load(root / "eval-dense-lora.json")["perplexity"], color="black", linestyle="--", label="dense + LoRA")
+    ax.axhline(load(root / "eval-dense.json")["perplexity"], color="grey", linestyle=":", label="dense, no LoRA")
+    ax.set_xticks([i + width * (len(ARMS) - 1) / 2 for i in range(len(bases))], bases)
+    ax.set_ylabel("held-out perplexity (lower is better)")
+    ax.set_yscale("log")
+    ax.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+
+
+def main(root: str, bases: str, seeds: str, png: str | None = None) -> None:
+    root, bases, seeds = Path(root), bases.split(), seeds.split()
+    if png:
+        plot(root, bases, seeds, Path(png))
+    dense, dense_lora = load(root / "eval-dense.json"), load(root / "eval-dense-lora.json")
+    print(f"Dense model: perplexity {dense['perplexity']:.2f}, task accuracy {accuracy(dense):.3f}; "
+          f"dense + LoRA: {dense_lora['perplexity']:.2f}, {accuracy(dense_lora):.3f}. Seeds {', '.join(seeds)}.\n")
+    ppl_rows, acc_rows, sp_rows = [], [], []
+    for arm, label, per_seed in ARMS:
+        evals = {b: [load(p) for p in runs(root, b, arm, per_seed, seeds, "eval.json")] for b in bases}
+        ppl_rows.append((label, [cell([e["perplexity"] for e in evals[b]]) for b in bases]))
+        acc_rows.append((label, [cell([accuracy(e) for e in evals[b]], "{:.3f}") for b in bases]))
+        sp_rows.append((label, [sparsity(root, b, arm, per_seed, seeds) for b in bases]))
+    table("Perplexity on the held-out text (lower is better), merged models", bases, ppl_rows)
+    table("Task accuracy (mean over tasks), merged models", bases, acc_rows)
+    table("Sparsity of the decoder linears after the merge (lowest over seeds)", bases, sp_rows)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:5])
