@@ -7,6 +7,7 @@ is computed: write the header, then each tensor's bytes in order.
 from __future__ import annotations
 
 import json
+import math
 import struct
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator
@@ -36,19 +37,6 @@ def tensor_bytes(path: Path) -> int:
     return sum(v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items() if k != "__metadata__")
 
 
-def iter_tensors(path: Path) -> Iterator[tuple[str, "torch.Tensor"]]:
-    from safetensors import safe_open
-
-    try:
-        with safe_open(path, framework="pt") as f:
-            for name in tensor_names(path):
-                yield name, f.get_tensor(name)
-    except (OSError, RuntimeError) as e:
-        if isinstance(e, CaloraError):
-            raise
-        raise CaloraError(f"cannot read {path}: {str(e).splitlines()[0]}") from e
-
-
 # safetensors' dtype names
 DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64", "int32": "I32", "int64": "I64",
           "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL"}
@@ -58,19 +46,80 @@ def dtype_code(dtype: "torch.dtype") -> str:
     return DTYPES[str(dtype).removeprefix("torch.")]
 
 
-def write_tensors(dst: Path, entries: list[tuple[str, str, list[int]]], produce: Callable[[str], "torch.Tensor"],
-                  metadata: dict | None = None) -> None:
+class ShardReader:
+    """Reads one tensor at a time from a safetensors file with plain file reads.
+
+    safetensors' own reader maps the file: every page of a tensor already read stays resident,
+    so streaming a shard through it costs the whole shard in memory. Plain reads cost one tensor;
+    tensors passed through unchanged cost one chunk (`raw`).
+    """
+
+    CHUNK = 16 << 20
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.header = read_safetensors_header(path)
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+        self.data_start = 8 + n
+        self.file = open(path, "rb")
+
+    def __enter__(self) -> "ShardReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.file.close()
+
+    def names(self) -> list[str]:
+        return tensor_names(self.path)
+
+    def _span(self, name: str) -> tuple[int, int]:
+        lo, hi = self.header[name]["data_offsets"]
+        return self.data_start + lo, hi - lo
+
+    def get_tensor(self, name: str) -> "torch.Tensor":
+        import torch
+
+        info = self.header[name]
+        dtype = _torch_dtypes().get(info["dtype"])
+        if dtype is None:
+            raise CaloraError(f"{self.path}: tensor {name} has dtype {info['dtype']}, which calora does not read")
+        start, size = self._span(name)
+        buf = bytearray(size)
+        self.file.seek(start)
+        if self.file.readinto(buf) != size:
+            raise CaloraError(f"corrupt safetensors file {self.path}: tensor {name} is cut short")
+        expected = dtype.itemsize * math.prod(info["shape"])
+        if expected != size:
+            raise CaloraError(f"corrupt safetensors file {self.path}: tensor {name} holds {size} bytes, its shape needs {expected}")
+        if size == 0:
+            return torch.empty(info["shape"], dtype=dtype)
+        return torch.frombuffer(buf, dtype=dtype).reshape(info["shape"])
+
+    def raw(self, name: str) -> Iterator[bytes]:
+        """The tensor's bytes, in chunks, for copying it unchanged."""
+        start, size = self._span(name)
+        self.file.seek(start)
+        while size:
+            chunk = self.file.read(min(size, self.CHUNK))
+            if not chunk:
+                raise CaloraError(f"corrupt safetensors file {self.path}: tensor {name} is cut short")
+            size -= len(chunk)
+            yield chunk
+
+
+def write_tensors(dst: Path, entries: list[tuple[str, str, list[int]]],
+                  produce: Callable[[str], "torch.Tensor | Iterator[bytes]"], metadata: dict | None = None) -> None:
     """Write a safetensors file whose layout is known up front: `entries` are (name, dtype code, shape)
-    in file order; `produce(name)` gives each tensor in that order, so only one is held at a time."""
+    in file order; `produce(name)` gives each tensor in that order (or its raw bytes in chunks),
+    so only one is held at a time."""
     import torch
 
     header: dict = {"__metadata__": metadata} if metadata else {}
     offset = 0
     torch_dtypes = _torch_dtypes()
     for name, code, shape in entries:
-        n = torch.tensor([], dtype=torch_dtypes[code]).element_size()
-        for s in shape:
-            n *= s
+        n = torch_dtypes[code].itemsize * math.prod(shape)
         header[name] = {"dtype": code, "shape": list(shape), "data_offsets": [offset, offset + n]}
         offset += n
     raw = json.dumps(header, separators=(",", ":")).encode()
@@ -80,22 +129,17 @@ def write_tensors(dst: Path, entries: list[tuple[str, str, list[int]]], produce:
         out.write(raw)
         for name, code, shape in entries:
             t = produce(name)
-            if dtype_code(t.dtype) != code or list(t.shape) != list(shape):
-                raise AssertionError(f"{name}: planned {code}{tuple(shape)}, produced {t.dtype}{tuple(t.shape)}")
-            out.write(t.contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-
-
-def rewrite(src: Path, dst: Path, transform: Callable[[str, "torch.Tensor"], "torch.Tensor"]) -> None:
-    """dst = src with each tensor passed through `transform` (same dtype and shape), streamed."""
-    from safetensors import safe_open
-
-    header = read_safetensors_header(src)
-    entries = [(n, header[n]["dtype"], header[n]["shape"]) for n in tensor_names(src)]
-    try:
-        with safe_open(src, framework="pt") as f:
-            write_tensors(dst, entries, lambda name: transform(name, f.get_tensor(name)), header.get("__metadata__"))
-    except (OSError, RuntimeError) as e:
-        raise CaloraError(f"cannot read {src}: {str(e).splitlines()[0]}") from e
+            if isinstance(t, torch.Tensor):
+                if dtype_code(t.dtype) != code or list(t.shape) != list(shape):
+                    raise AssertionError(f"{name}: planned {code}{tuple(shape)}, produced {t.dtype}{tuple(t.shape)}")
+                out.write(t.contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+            else:
+                lo, hi = header[name]["data_offsets"]
+                written = 0
+                for chunk in t:
+                    written += out.write(chunk)
+                if written != hi - lo:
+                    raise AssertionError(f"{name}: planned {hi - lo} bytes, copied {written}")
 
 
 def load_tensors(files: list[Path], wanted: Callable[[str], bool]) -> dict[str, "torch.Tensor"]:

@@ -17,7 +17,7 @@ from calora_cli.artifacts import MANIFEST, atomic_output, check_output, open_art
 from calora_cli.errors import CaloraError
 from calora_cli.progress import progress
 from calora_cli.stages.common import RunOptions, check_fits, has_recovery, read_lora
-from calora_cli.tensor_io import dtype_code, tensor_names, write_tensors
+from calora_cli.tensor_io import ShardReader, dtype_code, tensor_names, write_tensors
 
 
 GRIDS = ("fresh", "keep")
@@ -62,15 +62,21 @@ class _Folder:
                       "requant_error": 0.0, "delta_kept": 0.0, "requantized": 0}
 
     def delta(self, module: str, W):
-        delta = sum(w * f.delta() for w, f in self.plan[module])
+        (w0, f0), *rest = self.plan[module]
+        delta = f0.delta().mul_(w0)
+        for w, f in rest:
+            delta.add_(f.delta(), alpha=w)
         if delta.shape != W.shape:
             raise CaloraError(f"shape mismatch at {module}: the base weight is {tuple(W.shape)}, the adapter's delta {tuple(delta.shape)}")
         return delta * (W != 0) if self.keep else delta
 
     def count(self, W, new) -> None:
+        import torch
+
         self.stats["merged_modules"] += 1
-        self.stats["zeros_before"] += int((W == 0).sum())
-        self.stats["zeros_after"] += int((new == 0).sum())
+        # count_nonzero: several times faster than summing a (W == 0) mask on big layers
+        self.stats["zeros_before"] += W.numel() - int(torch.count_nonzero(W))
+        self.stats["zeros_after"] += new.numel() - int(torch.count_nonzero(new))
         self.stats["elements"] += W.numel()
         self.advance()
 
@@ -105,8 +111,6 @@ def _dense_dtype(config: dict):
 
 
 def _merge_shard(src: Path, dst: Path, folder: _Folder, gptq: Gptq | None, dense: bool, dense_dtype) -> None:
-    from safetensors import safe_open
-
     from calora_cli.compress.gptq_format import PARTS
 
     header = read_safetensors_header(src)
@@ -128,7 +132,7 @@ def _merge_shard(src: Path, dst: Path, folder: _Folder, gptq: Gptq | None, dense
         entries.append((n, header[n]["dtype"], header[n]["shape"]))
 
     done: dict[str, dict] = {}
-    with safe_open(src, framework="pt") as f:
+    with ShardReader(src) as f:
 
         def parts(module: str) -> dict:
             return {p: f.get_tensor(f"{module}.{p}") for p in PARTS}
@@ -146,12 +150,9 @@ def _merge_shard(src: Path, dst: Path, folder: _Folder, gptq: Gptq | None, dense
                 return done[module].pop(part)
             if part == "weight" and module in folder.plan:
                 return folder.dense(module, f.get_tensor(name))
-            return f.get_tensor(name)
+            return f.raw(name)  # unchanged: copied in chunks, never held whole
 
-        try:
-            write_tensors(dst, entries, produce, header.get("__metadata__"))
-        except (OSError, RuntimeError) as e:
-            raise CaloraError(f"cannot read {src}: {str(e).splitlines()[0]}") from e
+        write_tensors(dst, entries, produce, header.get("__metadata__"))
 
 
 def _reindex(folder: Path) -> None:

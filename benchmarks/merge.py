@@ -1,0 +1,132 @@
+"""Wall time and peak memory of `calora merge` against peft's merge_and_unload + save_pretrained.
+
+Builds a sharded Llama of about --size-gb made locally (random weights, fp32) and a rank-16 LoRA on
+every decoder linear, then runs, each in a fresh process, one after the other in this run:
+  floor: read every shard with safetensors and write it back (the same bytes, no arithmetic);
+  calora merge (streams one tensor at a time);
+  peft: load the model, attach the LoRA, merge_and_unload, save_pretrained with the same shard size.
+Peak memory is the child's peak resident set (VmHWM), which includes its imports (torch: ~0.3 GB).
+
+    .venv/bin/python benchmarks/merge.py                   # ~1.1 GB model, 4 shards
+    .venv/bin/python benchmarks/merge.py --size-gb 2.2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+SHARD = "300MB"
+
+
+def build(root: Path, size_gb: float) -> tuple[Path, Path]:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    hidden, inter, vocab = 2048, 5632, 32000
+    per_layer = 4 * hidden * hidden + 3 * hidden * inter
+    layers = max(1, round((size_gb * 1e9 / 4 - vocab * hidden) / per_layer))
+    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=16,
+                      num_key_value_heads=16, vocab_size=vocab, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    with torch.device("cpu"):
+        model = LlamaForCausalLM(cfg)
+    model.save_pretrained(root / "base", max_shard_size=SHARD)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    peft_model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=targets, init_lora_weights=False))
+    peft_model.save_pretrained(root / "lora")
+    return root / "base", root / "lora"
+
+
+def _rss(field: str) -> int:
+    line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(field + ":"))
+    return int(line.split()[1]) * 1024
+
+
+def child(kind: str, base: Path, lora: Path, out: Path) -> None:
+    """One contender, run in this (fresh) process; prints its wall time and peak RSS as JSON."""
+    import torch  # noqa: F401  (every contender needs it; calora imports it lazily)
+
+    if kind == "floor":
+        from safetensors.torch import load_file, save_file
+    elif kind == "calora":
+        from calora_cli.stages.common import RunOptions
+        from calora_cli.stages.merge import merge
+    else:
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM
+    imports = _rss("VmRSS")
+    t0 = time.perf_counter()
+    if kind == "floor":
+        out.mkdir()
+        for f in sorted(base.glob("*.safetensors")):
+            save_file(load_file(f), out / f.name, metadata={"format": "pt"})
+    elif kind == "calora":
+        merge(base, [lora], out, RunOptions(show_progress=False, allow_base_mismatch=True))
+    else:
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), lora).merge_and_unload()
+        model.save_pretrained(out, max_shard_size=SHARD)
+    wall = time.perf_counter() - t0
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss over exec, so a child would inherit the parent's peak
+    print(json.dumps({"wall_s": wall, "peak_rss": _rss("VmHWM"), "imports_rss": imports}))
+
+
+def run(kind: str, base: Path, lora: Path, out: Path) -> dict:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    r = subprocess.run([sys.executable, __file__, "--child", kind, str(base), str(lora), str(out)],
+                       capture_output=True, text=True, env=env)
+    if r.returncode:
+        sys.exit(f"{kind} failed:\n{r.stderr[-2000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def main() -> int:
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        child(sys.argv[2], *map(Path, sys.argv[3:6]))
+        return 0
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size-gb", type=float, default=1.1)
+    ap.add_argument("--repeat", type=int, default=2, help="runs per contender; the fastest is reported")
+    ap.add_argument("--workdir", type=Path, default=None, help="where to build the model (default: a temp dir)")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory(prefix="calora-bench-merge-", dir=args.workdir) as tmp:
+        tmp = Path(tmp)
+        base, lora = build(tmp, args.size_gb)
+        shards = sorted(base.glob("*.safetensors"))
+        size = sum(f.stat().st_size for f in shards)
+        largest = max(f.stat().st_size for f in shards)
+        for f in shards:  # warm the page cache so no contender pays for the first read
+            f.read_bytes()
+        results = {}
+        for kind in ("floor", "calora", "peft"):
+            tries = []
+            for _ in range(args.repeat):  # interleaving would mix page-cache states; the best of N is steadier
+                tries.append(run(kind, base, lora, tmp / f"out-{kind}"))
+                shutil.rmtree(tmp / f"out-{kind}")
+            results[kind] = min(tries, key=lambda r: r["wall_s"])
+    print(f"model: {size / 1e9:.2f} GB in {len(shards)} shards (largest {largest / 1e9:.2f} GB), LoRA r=16 on every decoder linear; "
+          f"{os.cpu_count()} CPUs")
+    print()
+    print("| run | wall s | wall / floor | peak RSS GB | of which imports GB | (peak - imports) / model size |")
+    print("|---|---|---|---|---|---|")
+    names = {"floor": "safetensors read + write (floor)", "calora": "calora merge", "peft": "peft merge_and_unload + save_pretrained"}
+    for kind, r in results.items():
+        print(f"| {names[kind]} | {r['wall_s']:.1f} | {r['wall_s'] / results['floor']['wall_s']:.2f} | {r['peak_rss'] / 1e9:.2f} | "
+              f"{r['imports_rss'] / 1e9:.2f} | {(r['peak_rss'] - r['imports_rss']) / size:.2f} |")
+    c, p = results["calora"], results["peft"]
+    work = {k: r["peak_rss"] - r["imports_rss"] for k, r in results.items()}
+    print(f"\ncalora vs peft: {p['wall_s'] / c['wall_s']:.2f}x faster, {p['peak_rss'] / c['peak_rss']:.2f}x less peak memory "
+          f"({work['peft'] / max(work['calora'], 1):.1f}x less above imports)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
