@@ -132,7 +132,8 @@ def write_tensors(dst: Path, entries: list[tuple[str, str, list[int]]],
             if isinstance(t, torch.Tensor):
                 if dtype_code(t.dtype) != code or list(t.shape) != list(shape):
                     raise AssertionError(f"{name}: planned {code}{tuple(shape)}, produced {t.dtype}{tuple(t.shape)}")
-                out.write(t.contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+                if t.numel():
+                    out.write(memoryview(t.contiguous().view(torch.uint8).numpy()))  # no copy
             else:
                 lo, hi = header[name]["data_offsets"]
                 written = 0

@@ -25,7 +25,7 @@ class LoraFactors:
     scale: float
 
     def delta(self) -> "torch.Tensor":
-        return self.scale * (self.B.float() @ self.A.float())
+        return (self.B.float() @ self.A.float()).mul_(self.scale)
 
 
 def _pattern_value(patterns: dict, module: str, default):

@@ -68,24 +68,30 @@ class _Folder:
             delta.add_(f.delta(), alpha=w)
         if delta.shape != W.shape:
             raise CaloraError(f"shape mismatch at {module}: the base weight is {tuple(W.shape)}, the adapter's delta {tuple(delta.shape)}")
-        return delta * (W != 0) if self.keep else delta
+        return delta.mul_(W != 0) if self.keep else delta
 
-    def count(self, W, new) -> None:
+    def count(self, zeros_before: int, new) -> None:
         import torch
 
         self.stats["merged_modules"] += 1
-        # count_nonzero: several times faster than summing a (W == 0) mask on big layers
-        self.stats["zeros_before"] += W.numel() - int(torch.count_nonzero(W))
+        self.stats["zeros_before"] += zeros_before
         self.stats["zeros_after"] += new.numel() - int(torch.count_nonzero(new))
-        self.stats["elements"] += W.numel()
+        self.stats["elements"] += new.numel()
         self.advance()
 
     def dense(self, module: str, W):
-        new = (W.float() + self.delta(module, W)).to(W.dtype)
-        self.count(W, new)
+        import torch
+
+        # count_nonzero: several times faster than summing a (W == 0) mask on big layers
+        zeros = W.numel() - int(torch.count_nonzero(W))
+        # in place: W is this merge's own copy, and peak memory stays near two copies of one layer
+        new = W.float().add_(self.delta(module, W)).to(W.dtype)
+        self.count(zeros, new)
         return new
 
     def requantized(self, module: str, parts: dict, gptq: Gptq) -> dict:
+        import torch
+
         from calora_cli.compress.gptq_format import dequantize, quantize_rtn, round_onto_grid
 
         W = dequantize(parts, gptq.bits, gptq.v1)
@@ -99,7 +105,7 @@ class _Folder:
         self.stats["requant_error"] += float((W_new - W - delta).norm() / (W + delta).norm().clamp_min(1e-12))
         self.stats["delta_kept"] += float(((W_new - W) * delta).sum() / (delta * delta).sum().clamp_min(1e-30))
         self.stats["requantized"] += 1
-        self.count(W, W_new)
+        self.count(W.numel() - int(torch.count_nonzero(W)), W_new)
         return new
 
 
