@@ -34,6 +34,7 @@ app = typer.Typer(
 # --- options every command shares --------------------------------------------------------------
 Output = Annotated[Path, typer.Option("-o", "--output", help="Output artifact directory (written atomically).")]
 Force = Annotated[bool, typer.Option("--force", help="Replace an existing output.")]
+CoefBits = Annotated[int, typer.Option("--coef-bits", help="nola: store coefficients in 32, 16, 8 or 4 bits.")]
 Seed = Annotated[int, typer.Option("--seed", help="Random seed: equal seeds and inputs give byte-identical outputs on CPU.")]
 Device = Annotated[str, typer.Option("--device", help="cpu, or cuda[:N] when asked for.")]
 Dtype = Annotated[str, typer.Option("--dtype", help="Compute dtype: float32, bfloat16 or float16.")]
@@ -96,6 +97,16 @@ def command(fn: Callable[..., Any]) -> Callable[..., Any]:
             _STDOUT.reset(token)
 
     return run
+
+
+def _bases(text: str) -> tuple[int, int]:
+    try:
+        kl = [int(b) for b in text.split(",")]
+    except ValueError:
+        raise CaloraError(f"--bases must be K or K,L (integers), got {text!r}") from None
+    if len(kl) not in (1, 2):
+        raise CaloraError(f"--bases must be K or K,L (integers), got {text!r}")
+    return kl[0], kl[-1]
 
 
 def _opts(device: str = "cpu", dtype: str = "float32", seed: int = 0, force: bool = False, quiet: bool = False, allow: bool = False):
@@ -170,6 +181,7 @@ def train(
     per_module_bases: Annotated[
         bool, typer.Option("--per-module-bases", help="nola: one basis set per module instead of one per module type.")
     ] = False,
+    coef_bits: CoefBits = 32,
     targets: Annotated[
         Optional[str], typer.Option("--targets", help="Comma list of module names (default: every linear of attention and MLP).")
     ] = None,
@@ -191,12 +203,8 @@ def train(
 
     cfg = TrainConfig(steps=steps, lr=lr, batch_size=batch_size, seq_len=seq_len, seed=seed)
     tlist = [t.strip() for t in targets.split(",") if t.strip()] if targets else None
-    try:
-        kl = [int(b) for b in bases.split(",")]
-    except ValueError:
-        raise CaloraError(f"--bases must be K or K,L (integers), got {bases!r}") from None
     summary = train_lora(base, data, output, cfg, _opts(device, dtype, seed, force, quiet), rank=rank, alpha=alpha,
-                         targets=tlist, kind=kind, bases=(kl[0], kl[-1]), shared_bases=not per_module_bases)
+                         targets=tlist, kind=kind, bases=_bases(bases), shared_bases=not per_module_bases, coef_bits=coef_bits)
     _emit(summary, json_)
 
 
@@ -269,7 +277,8 @@ def info(
 def compress(
     model: Annotated[Path, typer.Argument(help="Model directory (Hugging Face layout).")],
     output: Output,
-    method: Annotated[str, typer.Option("--method", help="gptq, rtn-int8, nf4 (quantize); magnitude, wanda, sparsegpt (prune).")],
+    method: Annotated[str, typer.Option("--method", help="gptq, rtn-int8, nf4 (quantize); magnitude, wanda, sparsegpt (prune); "
+                                        "nola (a LoRA into NOLA); expand (a NOLA adapter into a plain peft LoRA).")],
     sparsity: Annotated[Optional[float], typer.Option("--sparsity", help="Pruning: fraction of zeros in (0, 1).")] = None,
     pattern: Annotated[str, typer.Option("--pattern", help="Pruning: unstructured, or N:M (N kept in every M inputs, e.g. 2:4).")] = "unstructured",
     allocation: Annotated[
@@ -285,10 +294,12 @@ def compress(
     bases: Annotated[str, typer.Option("--bases", help="nola: K[,L] random bases for A (and B).")] = "1024",
     data: Annotated[Optional[Path], typer.Option("--data", help="nola: text to distill the LoRA's behaviour on.")] = None,
     base: Annotated[Optional[Path], typer.Option("--base", help="nola: the LoRA's base model (default: as recorded).")] = None,
-    steps: Annotated[int, typer.Option("--steps", help="nola: distillation steps.")] = 200,
+    steps: Annotated[int, typer.Option("--steps", help="nola: distillation steps (0: the weight fit alone).")] = 200,
     lr: Annotated[float, typer.Option("--lr", help="nola: learning rate of the coefficients.")] = 1e-2,
     batch_size: Annotated[int, typer.Option("--batch-size", help="nola: batch size.")] = 8,
     distill: Annotated[str, typer.Option("--distill", help="nola: match logits (KL), hidden states (MSE), or both.")] = "logits",
+    init: Annotated[str, typer.Option("--init", help="nola: start from the weight fit (als) or from zero.")] = "als",
+    coef_bits: CoefBits = 32,
     seed: Seed = 0,
     device: Device = "cpu",
     dtype: Dtype = "float32",
@@ -298,19 +309,20 @@ def compress(
     debug: Debug = False,
 ) -> None:
     """Compress a base model block by block (GPTQ, NF4/int8, magnitude/Wanda/SparseGPT), or a LoRA into NOLA (--method nola)."""
+    if method == "expand":
+        from calora_cli.stages.nola_compress import expand_nola
+
+        _emit(expand_nola(model, output, _opts(force=force, quiet=quiet)), json_)
+        return
     if method == "nola":
-        from calora_cli.stages.nola_compress import compress_lora
+        from calora_cli.stages.nola_compress import NolaSpec, compress_lora
         from calora_cli.train import TrainConfig
 
         if data is None:
             raise CaloraError("--method nola distills the LoRA on text: pass --data FILE")
-        try:
-            kl = [int(b) for b in bases.split(",")]
-        except ValueError:
-            raise CaloraError(f"--bases must be K or K,L (integers), got {bases!r}") from None
-        cfg = TrainConfig(steps=steps, lr=lr, batch_size=batch_size, seq_len=seq_len, seed=seed)
-        opts = _opts(device, dtype, seed, force, quiet)
-        _emit(compress_lora(model, output, data, cfg, opts, (kl[0], kl[-1]), base=base, distill=distill), json_)
+        cfg = TrainConfig(steps=max(steps, 1), lr=lr, batch_size=batch_size, seq_len=seq_len, seed=seed)
+        spec = NolaSpec(bases=_bases(bases), distill=distill, init=init, coef_bits=coef_bits, steps=steps)
+        _emit(compress_lora(model, output, data, cfg, spec, _opts(device, dtype, seed, force, quiet), base=base), json_)
         return
     from calora_cli.stages.compress import CompressSpec, compress_model
 

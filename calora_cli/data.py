@@ -100,6 +100,9 @@ class Examples:
     def batch(self, idx: "torch.Tensor") -> dict[str, "torch.Tensor"]:
         return {"input_ids": self.input_ids[idx], "attention_mask": self.attention_mask[idx], "labels": self.labels[idx]}
 
+    def subset(self, idx: "torch.Tensor") -> "Examples":
+        return Examples(**self.batch(idx))
+
 
 def load_examples(path: Path, tokenizer, seq_len: int) -> Examples:
     """Training examples from a .txt (packed causal LM) or a prompt/completion .jsonl."""

@@ -152,12 +152,35 @@ def attach(model: nn.Module, targets: list[str], rank: int, k: int, l: int, alph
     return layers
 
 
-def coefficients(layers: dict[str, NolaLinear]) -> dict[str, torch.Tensor]:
+def coefficients(layers: dict[str, NolaLinear], bits: int = 32) -> dict[str, torch.Tensor]:
+    """The tensors of nola.safetensors: each coefficient vector in its stored form (+ its scale)."""
     out = {}
     for path, layer in layers.items():
-        out[f"{path}.nola_alpha"] = layer.alpha_coef.detach().contiguous()
-        out[f"{path}.nola_beta"] = layer.beta_coef.detach().contiguous()
+        for name, p in (("nola_alpha", layer.alpha_coef), ("nola_beta", layer.beta_coef)):
+            q, scale = quantize_coefficients(p.detach(), bits)
+            out[f"{path}.{name}"] = q
+            if scale is not None:
+                out[f"{path}.{name}.scale"] = scale
     return out
+
+
+def read_coefficients(tensors: dict[str, torch.Tensor], sizes: dict[str, int], bits: int) -> dict[str, torch.Tensor]:
+    """float32 coefficient vectors from their stored form; `sizes` gives each vector's length."""
+    out = {}
+    for name, n in sizes.items():
+        if name not in tensors:
+            raise CaloraError(f"NOLA coefficients {name} are missing")
+        out[name] = dequantize_coefficients(tensors[name], tensors.get(f"{name}.scale"), bits, n)
+    return out
+
+
+def round_coefficients(layers: dict[str, NolaLinear], bits: int) -> None:
+    """Give the layers the coefficients they will have once stored with `bits` (so what is
+    reported is what is saved)."""
+    for layer in layers.values():
+        for p in (layer.alpha_coef, layer.beta_coef):
+            q, scale = quantize_coefficients(p.detach(), bits)
+            p.data.copy_(dequantize_coefficients(q, scale, bits, p.numel()))
 
 
 def load_coefficients(layers: dict[str, NolaLinear], tensors: dict[str, torch.Tensor]) -> None:
@@ -178,3 +201,40 @@ def expand(alpha_coef: torch.Tensor, beta_coef: torch.Tensor, seeds: dict[str, i
         A = offset(seeds["A0"], (rank, d_in)) + combine(alpha_coef.float(), seeds["A"], (rank, d_in))
         B = combine(beta_coef.float(), seeds["B"], (d_out, rank))
     return A, B
+
+
+COEF_BITS = (32, 16, 8, 4)
+
+
+def quantize_coefficients(c: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Stored form of a coefficient vector: float32/16 as is; 8 and 4 bits symmetric absmax per
+    vector (one float32 scale each), 4-bit codes packed two per byte."""
+    if bits not in COEF_BITS:
+        raise CaloraError(f"--coef-bits must be one of {', '.join(map(str, COEF_BITS))}, got {bits}")
+    if bits == 32:
+        return c.float(), None
+    if bits == 16:
+        return c.half(), None
+    qmax = 2 ** (bits - 1) - 1
+    scale = c.abs().max().float().clamp(min=1e-30) / qmax
+    q = torch.round(c.float() / scale).clamp(-qmax, qmax).to(torch.int8)
+    if bits == 4:
+        u = (q + 8).to(torch.uint8)
+        if u.numel() % 2:
+            u = torch.cat([u, torch.full((1,), 8, dtype=torch.uint8)])
+        q = u[0::2] | (u[1::2] << 4)
+    return q.contiguous(), scale.reshape(1)
+
+
+def dequantize_coefficients(q: torch.Tensor, scale: torch.Tensor | None, bits: int, n: int) -> torch.Tensor:
+    if bits in (32, 16):
+        return q.float()
+    if scale is None:
+        raise CaloraError(f"{bits}-bit NOLA coefficients without their scale")
+    if bits == 4:
+        codes = torch.stack([q & 15, q >> 4], dim=1).reshape(-1)[:n].to(torch.int16) - 8
+    else:
+        codes = q
+    if codes.numel() != n:
+        raise CaloraError(f"NOLA coefficients hold {codes.numel()} values, the adapter needs {n}")
+    return codes.float() * scale.float()

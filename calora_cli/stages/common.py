@@ -72,7 +72,9 @@ def read_nola(adapter: Artifact):
                           f"this calora has version {nola.GENERATOR_VERSION}")
     with safe_open(adapter.path / NOLA_FILE, framework="pt") as f:
         shapes = json.loads(f.metadata()["shapes"])
-        coeffs = {k: f.get_tensor(k) for k in f.keys()}
+        stored = {k: f.get_tensor(k) for k in f.keys()}
+    sizes = {f"{path}.{name}": n for path in shapes for name, n in (("nola_alpha", p["k"]), ("nola_beta", p["l"]))}
+    coeffs = nola.read_coefficients(stored, sizes, p.get("coef_bits", 32))
     for path, (d_out, d_in) in shapes.items():
         seeds = nola.seeds_for(p["seed"], path, p["rank"], d_in, d_out, p["k"], p["l"], p["shared"])
         want = p["basis_fingerprints"].get(path)

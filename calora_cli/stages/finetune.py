@@ -25,6 +25,7 @@ def train_lora(
     kind: str = "lora",
     bases: tuple[int, int] = (1024, 1024),
     shared_bases: bool = True,
+    coef_bits: int = 32,
 ) -> dict:
     cfg.check()
     if rank < 1:
@@ -33,6 +34,8 @@ def train_lora(
         raise CaloraError(f"--kind must be lora or nola, got {kind!r}")
     if kind == "nola" and min(bases) < 1:
         raise CaloraError(f"--bases must be positive, got {bases}")
+    if coef_bits not in (32, 16, 8, 4):
+        raise CaloraError(f"--coef-bits must be one of 32, 16, 8, 4, got {coef_bits}")
     check_output(out, opts.force)
     base_art = open_artifact(base, expect="model", role="base")
     tokenizer = load_tokenizer(base)
@@ -49,7 +52,8 @@ def train_lora(
         raise CaloraError(f"--targets {','.join(unknown)} not found in the model (it has {','.join(available)})")
     alpha = float(alpha if alpha is not None else 2 * rank)
     if kind == "nola":
-        return _train_nola(base_art, data, examples, model, out, cfg, opts, rank, alpha, sorted(targets), bases, shared_bases)
+        return _train_nola(base_art, data, examples, model, out, cfg, opts, rank, alpha, sorted(targets), bases, shared_bases,
+                           coef_bits)
     lora = LoraConfig(r=rank, lora_alpha=alpha, target_modules=sorted(targets), lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
     model = get_peft_model(model, lora)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -73,7 +77,7 @@ def train_lora(
     return {"output": str(out), "kind": "adapter", **metrics}
 
 
-def _train_nola(base_art, data, examples, model, out, cfg, opts, rank, alpha, targets, bases, shared) -> dict:
+def _train_nola(base_art, data, examples, model, out, cfg, opts, rank, alpha, targets, bases, shared, coef_bits) -> dict:
     """A NOLA adapter trained directly: only k + l coefficients per module (beta starts at 0)."""
     from calora_cli.adapters import nola
 
@@ -86,12 +90,12 @@ def _train_nola(base_art, data, examples, model, out, cfg, opts, rank, alpha, ta
     params = {key: v for key, v in cfg.as_params().items() if key != "seed"}
     save_nola(out, opts, layers, rank, alpha, k, l, shared, cfg.seed, targets, params, metrics,
               stage="train", inputs={"base": base_art.input_record(), "data": data_input(data)},
-              base_fingerprint=base_art.fingerprint)
+              base_fingerprint=base_art.fingerprint, coef_bits=coef_bits)
     return {"output": str(out), "kind": "adapter", **metrics}
 
 
 def save_nola(out, opts, layers, rank, alpha, k, l, shared, seed, targets, params, metrics, *, stage, inputs,
-              base_fingerprint) -> None:
+              base_fingerprint, coef_bits: int = 32) -> None:
     """Write a NOLA adapter artifact: coefficients, a descriptive adapter_config.json, the manifest."""
     import json
 
@@ -104,10 +108,11 @@ def save_nola(out, opts, layers, rank, alpha, k, l, shared, seed, targets, param
     fingerprints = {p: {"A": nola.fingerprint(m.seeds["A"], k, (rank, m.in_features)),
                         "B": nola.fingerprint(m.seeds["B"], l, (m.out_features, rank))} for p, m in layers.items()}
     params = {"kind": "nola", "rank": rank, "alpha": alpha, "k": k, "l": l, "shared": shared, "seed": seed,
-              "generator_version": nola.GENERATOR_VERSION, "targets": targets, "basis_fingerprints": fingerprints, **params}
+              "generator_version": nola.GENERATOR_VERSION, "targets": targets, "basis_fingerprints": fingerprints,
+              "coef_bits": coef_bits, **params}
     with atomic_output(out, opts.force) as tmp:
         # a single metadata key: safetensors writes metadata in hash-map order (see sparsify.py)
-        save_file(nola.coefficients(layers), tmp / NOLA_FILE, metadata={"shapes": json.dumps(shapes, sort_keys=True)})
+        save_file(nola.coefficients(layers, coef_bits), tmp / NOLA_FILE, metadata={"shapes": json.dumps(shapes, sort_keys=True)})
         config = {"peft_type": "NOLA", "r": rank, "lora_alpha": alpha, "target_modules": targets,
                   "note": "a calora NOLA adapter: see calora.json; merge or eval it with calora"}
         (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
