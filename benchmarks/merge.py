@@ -17,11 +17,12 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from measure import rss, run_child
 
 SHARD = "300MB"
 
@@ -46,11 +47,6 @@ def build(root: Path, size_gb: float) -> tuple[Path, Path]:
     return root / "base", root / "lora"
 
 
-def _rss(field: str) -> int:
-    line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(field + ":"))
-    return int(line.split()[1]) * 1024
-
-
 def child(kind: str, base: Path, lora: Path, out: Path) -> None:
     """One contender, run in this (fresh) process; prints its wall time and peak RSS as JSON."""
     import torch  # noqa: F401  (every contender needs it; calora imports it lazily)
@@ -63,7 +59,7 @@ def child(kind: str, base: Path, lora: Path, out: Path) -> None:
     else:
         from peft import PeftModel
         from transformers import AutoModelForCausalLM
-    imports = _rss("VmRSS")
+    imports = rss("VmRSS")
     t0 = time.perf_counter()
     if kind == "floor":
         out.mkdir()
@@ -75,17 +71,7 @@ def child(kind: str, base: Path, lora: Path, out: Path) -> None:
         model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), lora).merge_and_unload()
         model.save_pretrained(out, max_shard_size=SHARD)
     wall = time.perf_counter() - t0
-    # VmHWM, not ru_maxrss: Linux carries ru_maxrss over exec, so a child would inherit the parent's peak
-    print(json.dumps({"wall_s": wall, "peak_rss": _rss("VmHWM"), "imports_rss": imports}))
-
-
-def run(kind: str, base: Path, lora: Path, out: Path) -> dict:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    r = subprocess.run([sys.executable, __file__, "--child", kind, str(base), str(lora), str(out)],
-                       capture_output=True, text=True, env=env)
-    if r.returncode:
-        sys.exit(f"{kind} failed:\n{r.stderr[-2000:]}")
-    return json.loads(r.stdout.strip().splitlines()[-1])
+    print(json.dumps({"wall_s": wall, "peak_rss": rss("VmHWM"), "imports_rss": imports}))
 
 
 def main() -> int:
@@ -109,7 +95,7 @@ def main() -> int:
         for kind in ("floor", "calora", "peft"):
             tries = []
             for _ in range(args.repeat):  # interleaving would mix page-cache states; the best of N is steadier
-                tries.append(run(kind, base, lora, tmp / f"out-{kind}"))
+                tries.append(run_child(__file__, kind, str(base), str(lora), str(tmp / f"out-{kind}")))
                 shutil.rmtree(tmp / f"out-{kind}")
             results[kind] = min(tries, key=lambda r: r["wall_s"])
     print(f"model: {size / 1e9:.2f} GB in {len(shards)} shards (largest {largest / 1e9:.2f} GB), LoRA r=16 on every decoder linear; "

@@ -29,6 +29,8 @@ def test_chunked_generation_equals_one_draw(monkeypatch):
     full = nola.generate(seed, 150, (5, 7))
     parts = torch.cat([nola.generate(seed, 150, (5, 7), lo, min(lo + 37, 150)) for lo in range(0, 150, 37)])
     assert torch.equal(full, parts)
+    monkeypatch.setattr(nola, "CHUNK", 37)
+    assert torch.equal(full, torch.cat([bases for _, _, bases in nola.chunks(seed, 150, (5, 7))]))
     assert abs(full.abs().max().item() * 150**0.5 - 1) < 0.01  # U(-1, 1) / sqrt(k)
 
 

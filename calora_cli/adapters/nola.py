@@ -44,6 +44,15 @@ def generate(seed: int, count: int, shape: tuple[int, ...], start: int = 0, stop
     return (torch.rand((stop - start, *shape), generator=g) * 2 - 1) / math.sqrt(count)
 
 
+def chunks(seed: int, count: int, shape: tuple[int, ...]):
+    """(lo, hi, bases lo..hi) over a whole set, CHUNK at a time, from one generator: the same
+    values as `generate` (one stream), without re-drawing the skipped part for every chunk."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    for lo in range(0, count, CHUNK):
+        hi = min(lo + CHUNK, count)
+        yield lo, hi, (torch.rand((hi - lo, *shape), generator=g) * 2 - 1) / math.sqrt(count)
+
+
 def offset(seed: int, shape: tuple[int, int]) -> torch.Tensor:
     """The frozen A0: U(+-1/sqrt(d_in)), what nn.Linear's kaiming-uniform(a=sqrt(5)) draws."""
     g = torch.Generator(device="cpu").manual_seed(seed)
@@ -67,9 +76,8 @@ class _Combine(torch.autograd.Function):
         ctx.save_for_backward(coeffs)
         k = coeffs.shape[0]
         out = torch.zeros(shape, dtype=torch.float32)
-        for lo in range(0, k, CHUNK):
-            hi = min(lo + CHUNK, k)
-            out += torch.tensordot(coeffs[lo:hi].detach().float().cpu(), generate(seed, k, shape, lo, hi), dims=1)
+        for lo, hi, bases in chunks(seed, k, shape):
+            out += torch.tensordot(coeffs[lo:hi].detach().float().cpu(), bases, dims=1)
         return out.to(coeffs.device)
 
     @staticmethod
@@ -78,9 +86,8 @@ class _Combine(torch.autograd.Function):
         k = coeffs.shape[0]
         g = grad.detach().float().cpu().reshape(-1)
         out = torch.empty(k, dtype=torch.float32)
-        for lo in range(0, k, CHUNK):
-            hi = min(lo + CHUNK, k)
-            out[lo:hi] = generate(ctx.seed, k, ctx.shape, lo, hi).reshape(hi - lo, -1) @ g
+        for lo, hi, bases in chunks(ctx.seed, k, ctx.shape):
+            out[lo:hi] = bases.reshape(hi - lo, -1) @ g
         return out.to(coeffs.device, coeffs.dtype), None, None
 
 
@@ -197,10 +204,38 @@ def load_coefficients(layers: dict[str, NolaLinear], tensors: dict[str, torch.Te
 def expand(alpha_coef: torch.Tensor, beta_coef: torch.Tensor, seeds: dict[str, int], rank: int, d_in: int,
            d_out: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The plain LoRA factors (A: r x d_in, B: d_out x r) a NOLA module stands for."""
+    return expand_all({"m": (alpha_coef, beta_coef, seeds, rank, d_in, d_out)})["m"]
+
+
+def combine_many(coeffs: torch.Tensor, seed: int, shape: tuple[int, ...]) -> torch.Tensor:
+    """sum_i c[m, i] basis_i for every row m at once: each chunk of bases is generated once."""
+    k = coeffs.shape[1]
+    out = torch.zeros((coeffs.shape[0], *shape), dtype=torch.float32)
+    for lo, hi, bases in chunks(seed, k, shape):
+        out += torch.tensordot(coeffs[:, lo:hi].float(), bases, dims=1)
+    return out
+
+
+def expand_all(modules: dict[str, tuple]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Expand many modules: (alpha, beta, seeds, rank, d_in, d_out) each -> (A, B).
+
+    Modules that share a basis set (the default: one per module type) are combined in one pass
+    over its bases, so a set is generated once, not once per layer.
+    """
+    groups: dict[tuple, list[str]] = {}
+    for name, (a, b, seeds, rank, d_in, d_out) in modules.items():
+        groups.setdefault(("A", seeds["A"], rank, d_in), []).append(name)
+        groups.setdefault(("B", seeds["B"], d_out, rank), []).append(name)
+    factors: dict[str, dict[str, torch.Tensor]] = {name: {} for name in modules}
     with torch.no_grad():
-        A = offset(seeds["A0"], (rank, d_in)) + combine(alpha_coef.float(), seeds["A"], (rank, d_in))
-        B = combine(beta_coef.float(), seeds["B"], (d_out, rank))
-    return A, B
+        for (which, seed, *shape), names in groups.items():
+            coeffs = torch.stack([modules[n][0 if which == "A" else 1].float() for n in names])
+            for n, t in zip(names, combine_many(coeffs, seed, tuple(shape))):
+                factors[n][which] = t
+    out = {}
+    for name, (_, _, seeds, rank, d_in, _) in modules.items():
+        out[name] = (offset(seeds["A0"], (rank, d_in)) + factors[name]["A"], factors[name]["B"])
+    return out
 
 
 COEF_BITS = (32, 16, 8, 4)

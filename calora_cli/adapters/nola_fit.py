@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from calora_cli.adapters.nola import CHUNK, generate
+from calora_cli.adapters.nola import chunks
 from calora_cli.errors import CaloraError
 
 MAX_BANK_ELEMENTS = 1 << 26  # a materialised bank of bases: 512 MiB in float64
@@ -32,9 +32,8 @@ def bank(seed: int, count: int, shape: tuple[int, int]) -> torch.Tensor:
         raise CaloraError(f"the weight fit would hold {count} bases of {shape[0]}x{shape[1]} in memory; "
                           f"use fewer bases or --init zero")
     out = torch.empty(count, math.prod(shape), dtype=torch.float64)
-    for lo in range(0, count, CHUNK):
-        hi = min(lo + CHUNK, count)
-        out[lo:hi] = generate(seed, count, shape, lo, hi).reshape(hi - lo, -1).double()
+    for lo, hi, bases in chunks(seed, count, shape):
+        out[lo:hi] = bases.reshape(hi - lo, -1).double()
     return out
 
 

@@ -90,12 +90,12 @@ def nola_factors(adapter: Artifact) -> dict:
     from calora_cli.adapters.lora import LoraFactors
 
     coeffs, shapes, p = read_nola(adapter)
-    out = {}
-    for path, (d_out, d_in) in shapes.items():
-        seeds = nola.seeds_for(p["seed"], path, p["rank"], d_in, d_out, p["k"], p["l"], p["shared"])
-        A, B = nola.expand(coeffs[f"{path}.nola_alpha"], coeffs[f"{path}.nola_beta"], seeds, p["rank"], d_in, d_out)
-        out[path] = LoraFactors(path, A, B, p["alpha"] / p["rank"])
-    return out
+    modules = {
+        path: (coeffs[f"{path}.nola_alpha"], coeffs[f"{path}.nola_beta"],
+               nola.seeds_for(p["seed"], path, p["rank"], d_in, d_out, p["k"], p["l"], p["shared"]), p["rank"], d_in, d_out)
+        for path, (d_out, d_in) in shapes.items()
+    }
+    return {path: LoraFactors(path, A, B, p["alpha"] / p["rank"]) for path, (A, B) in nola.expand_all(modules).items()}
 
 
 def read_lora(adapter: Artifact):

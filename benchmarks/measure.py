@@ -1,0 +1,27 @@
+"""Shared by the benchmarks: run a contender in a fresh process and read its memory."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+
+def rss(field: str = "VmHWM") -> int:
+    """This process's resident set (VmRSS) or its peak (VmHWM), in bytes.
+
+    VmHWM, not ru_maxrss: Linux carries ru_maxrss over exec, so a child would report its parent's peak.
+    """
+    line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(field + ":"))
+    return int(line.split()[1]) * 1024
+
+
+def run_child(script: str, *args: str) -> dict:
+    """Run `script --child ARGS` in a fresh interpreter; it prints one JSON line last."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    r = subprocess.run([sys.executable, script, "--child", *args], capture_output=True, text=True, env=env)
+    if r.returncode:
+        sys.exit(f"{args[0]} failed:\n{r.stderr[-2000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
