@@ -239,3 +239,22 @@ def test_distillation_beats_the_weight_fit_on_held_out_outputs_and_4_bit_coeffic
     ppl = {name: _ok(cli("eval", tiny_base, "--adapter", tmp_path / name, "--ppl", small_text, "--seq-len", "64", "--json"))["perplexity"]
            for name in ("d", "q4")}
     assert ppl["q4"] == pytest.approx(ppl["d"], rel=0.02)  # 4-bit coefficients cost little
+
+
+def test_nola_adapters_inherit_and_sparsify_as_their_expanded_lora(cli, tiny_base, small_text, calib_text, tmp_path):
+    from helpers import one_line_error
+
+    _ok(cli("train", tiny_base, "-o", tmp_path / "n", "--data", small_text, *NOLA))
+    pruned = tmp_path / "pruned"
+    _ok(cli("compress", tiny_base, "-o", pruned, "--method", "wanda", "--sparsity", "0.5", "--calib", calib_text,
+            "--calib-samples", "4", "--seq-len", "64", "--json"))
+    ev = ["--ppl", small_text, "--seq-len", "64", "--json"]
+    direct = _ok(cli("eval", pruned, "--adapter", tmp_path / "n", *ev))["perplexity"]
+    _ok(cli("inherit", tmp_path / "n", "--base", pruned, "-o", tmp_path / "inh", "--json"))
+    assert _ok(cli("eval", pruned, "--adapter", tmp_path / "inh", *ev))["perplexity"] == pytest.approx(direct, rel=1e-5)
+    _ok(cli("sparsify-adapter", tmp_path / "n", "--base", pruned, "-o", tmp_path / "s", "--json"))
+    m = _ok(cli("merge", pruned, "--adapter", tmp_path / "s", "-o", tmp_path / "m", "--json"))
+    assert m["zeros_filled"] == 0 and m["merged_modules"] == 14
+    line = one_line_error(cli("recover", tmp_path / "n", "--base", pruned, "--teacher", tiny_base, "--teacher-adapter",
+                              tmp_path / "n", "--data", small_text, "-o", tmp_path / "r"))
+    assert "is a NOLA adapter" in line and not (tmp_path / "r").exists()

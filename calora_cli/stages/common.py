@@ -116,6 +116,42 @@ def read_lora(adapter: Artifact):
     return factors, is_masked(adapter)
 
 
+def lora_files(adapter: Artifact) -> tuple[dict, dict]:
+    """(adapter_config, state dict) of a peft LoRA standing for the adapter: its own files, or a
+    NOLA adapter expanded to A and B (bases regenerated from its seed)."""
+    import json
+
+    from safetensors.torch import load_file
+
+    if not is_nola(adapter):
+        weights = adapter.path / "adapter_model.safetensors"
+        if not weights.exists():
+            raise CaloraError(f"adapter {adapter.path} has no adapter_model.safetensors")
+        return json.loads((adapter.path / "adapter_config.json").read_text()), load_file(weights)
+    from peft import LoraConfig
+
+    from calora_cli.adapters.lora import PREFIX
+
+    p = adapter.manifest["params"]
+    state = {}
+    for m, f in sorted(nola_factors(adapter).items()):
+        state[f"{PREFIX}{m}.lora_A.weight"] = f.A.contiguous()
+        state[f"{PREFIX}{m}.lora_B.weight"] = f.B.contiguous()
+    config = LoraConfig(r=p["rank"], lora_alpha=p["alpha"], target_modules=sorted(p["targets"]), lora_dropout=0.0,
+                        bias="none", task_type="CAUSAL_LM").to_dict()
+    return json.loads(json.dumps(config, default=lambda o: sorted(o) if isinstance(o, set) else str(o))), state
+
+
+def write_lora(directory: Path, config: dict, state: dict) -> None:
+    import json
+
+    from safetensors.torch import save_file
+
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file(state, directory / "adapter_model.safetensors", metadata={"format": "pt"})
+    (directory / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
 def is_masked(adapter: Artifact) -> bool:
     return bool((adapter.manifest or {}).get("params", {}).get("masked"))
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from calora_cli.artifacts import atomic_output, check_output, open_artifact, read_safetensors_header, write_manifest
 from calora_cli.errors import CaloraError
-from calora_cli.stages.common import RunOptions, check_fits, read_lora
+from calora_cli.stages.common import RunOptions, check_fits, lora_files, read_lora
 
 
 def expected_shape(config: dict, module: str) -> tuple[int, int] | None:
@@ -49,7 +49,7 @@ def base_module_shapes(base) -> tuple[dict[str, tuple[int, int] | None], bool]:
 
 
 def inherit(adapter: Path, base: Path, out: Path, opts: RunOptions) -> dict:
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
     check_output(out, opts.force)
     ad_art = open_artifact(adapter, expect="adapter", role="adapter")
@@ -71,8 +71,7 @@ def inherit(adapter: Path, base: Path, out: Path, opts: RunOptions) -> dict:
     if not carried:
         first = next(iter(skipped.items()))
         raise CaloraError(f"no module of the adapter fits the compressed model ({first[0]}: {first[1]})")
-    config = json.loads((ad_art.path / "adapter_config.json").read_text())
-    state = load_file(ad_art.path / "adapter_model.safetensors")
+    config, state = lora_files(ad_art)  # a NOLA adapter is carried over expanded, as a plain LoRA
     keep = {k: v for k, v in state.items() if k.split(".lora_")[0].removeprefix("base_model.model.") in carried}
     config["base_model_name_or_path"] = str(base_art.path)
     with atomic_output(out, opts.force) as tmp:

@@ -12,7 +12,6 @@ NOLA -> LoRA (`--method expand`) writes the expanded A and B as a plain peft LoR
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -224,33 +223,20 @@ def compress_lora(adapter: Path, out: Path, data: Path, cfg: TrainConfig, spec: 
 
 def expand_nola(adapter: Path, out: Path, opts: RunOptions) -> dict:
     """A NOLA adapter as a plain peft LoRA directory (A, B expanded from the seed), which peft loads."""
-    from peft import LoraConfig
-    from safetensors.torch import save_file
-
-    from calora_cli.adapters.lora import PREFIX
-    from calora_cli.stages.common import nola_factors, read_nola
+    from calora_cli.stages.common import lora_files, write_lora
 
     check_output(out, opts.force)
     ad = open_artifact(adapter, expect="adapter", role="adapter")
     if not is_nola(ad):
         raise CaloraError(f"--method expand takes a NOLA adapter; {adapter} is a plain LoRA already")
-    _, _, p = read_nola(ad)
-    factors = nola_factors(ad)
-    state = {}
-    for m, f in sorted(factors.items()):
-        state[f"{PREFIX}{m}.lora_A.weight"] = f.A.contiguous()
-        state[f"{PREFIX}{m}.lora_B.weight"] = f.B.contiguous()
-    config = LoraConfig(r=p["rank"], lora_alpha=p["alpha"], target_modules=sorted(p["targets"]), lora_dropout=0.0,
-                        bias="none", task_type="CAUSAL_LM").to_dict()
-    config = json.loads(json.dumps(config, default=lambda o: sorted(o) if isinstance(o, set) else str(o)))
+    config, state = lora_files(ad)
+    p = ad.manifest["params"]
     inputs = {"adapter": ad.input_record()}
     if "base" in ad.manifest.get("inputs", {}):
         inputs["base"] = ad.manifest["inputs"]["base"]  # what the NOLA adapter was made on, for later stages
     with atomic_output(out, opts.force) as tmp:
-        save_file(state, tmp / "adapter_model.safetensors", metadata={"format": "pt"})
-        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        write_lora(tmp, config, state)
         write_manifest(tmp, kind="adapter", stage="compress", params={"method": "expand", "kind": "lora", "rank": p["rank"],
                        "alpha": p["alpha"], "targets": p["targets"]}, inputs=inputs,
-                       metrics={"lora_params": sum(t.numel() for t in state.values())},
-                       base_fingerprint=ad.base_fingerprint)
-    return {"output": str(out), "modules": len(factors), "rank": p["rank"]}
+                       metrics={"lora_params": sum(t.numel() for t in state.values())}, base_fingerprint=ad.base_fingerprint)
+    return {"output": str(out), "modules": len(state) // 2, "rank": p["rank"]}

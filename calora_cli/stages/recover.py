@@ -16,7 +16,7 @@ from pathlib import Path
 from calora_cli.artifacts import atomic_output, check_output, data_input, open_artifact, write_manifest
 from calora_cli.errors import CaloraError
 from calora_cli.progress import progress
-from calora_cli.stages.common import RECOVERY_FILE, RunOptions, attach_adapter, check_fits, seed_everything
+from calora_cli.stages.common import RECOVERY_FILE, RunOptions, attach_adapter, check_fits, is_nola, seed_everything
 from calora_cli.train import Checkpoints, TrainConfig, train_loop
 
 DISTILL = ("hidden", "logits", "both")
@@ -92,6 +92,9 @@ def recover(adapter: Path, base: Path, teacher: Path, teacher_adapter: Path, dat
     cfg.check()
     spec.check()
     ad = open_artifact(adapter, expect="adapter", role="adapter")
+    if is_nola(ad):
+        raise CaloraError(f"{adapter} is a NOLA adapter: `calora inherit` it onto the compressed model first "
+                          "(it carries a NOLA adapter over as its expanded LoRA), then recover that")
     base_art = open_artifact(base, expect="model", role="base")
     t_art = open_artifact(teacher, expect="model", role="teacher")
     ta = open_artifact(teacher_adapter, expect="adapter", role="teacher adapter")

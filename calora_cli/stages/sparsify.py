@@ -10,7 +10,8 @@ from pathlib import Path
 from calora_cli.artifacts import atomic_output, check_output, data_input, open_artifact, write_manifest
 from calora_cli.errors import CaloraError
 from calora_cli.progress import progress
-from calora_cli.stages.common import MASKS_FILE, RunOptions, attach_adapter, check_fits, read_lora, seed_everything
+from calora_cli.stages.common import (MASKS_FILE, RunOptions, attach_adapter, check_fits, is_nola, lora_files, read_lora,
+                                      seed_everything, write_lora)
 from calora_cli.stages.recover import RecoverSpec
 from calora_cli.train import TrainConfig
 
@@ -82,8 +83,7 @@ def sparsify_adapter(adapter: Path, base: Path, out: Path, opts: RunOptions, dat
 
     with atomic_output(out, opts.force) as tmp:
         if data is None:
-            for name in ("adapter_config.json", "adapter_model.safetensors"):
-                shutil.copy2(ad_art.path / name, tmp / name)
+            write_lora(tmp, *lora_files(ad_art))  # a NOLA adapter becomes its expanded LoRA
         else:
             cfg = cfg or TrainConfig()
             teacher = _teacher(losa, base_art, opts)
@@ -139,12 +139,9 @@ def _block_errors(base_art, teacher, model, examples, opts: RunOptions) -> list[
 
 def _allocated_adapter(ad_art, errors: list[float], losa: LosaSpec, seed: int, into: Path) -> tuple[Path, list[int]]:
     """The adapter resized to error-allocated ranks, written to `into` for peft to load."""
-    from safetensors.torch import load_file, save_file
-
     from calora_cli.adapters import rank_allocation
 
-    config = json.loads((ad_art.path / "adapter_config.json").read_text())
-    state = load_file(ad_art.path / "adapter_model.safetensors")
+    config, state = lora_files(ad_art)
     factors, _ = read_lora(ad_art)
     ranks_seen = {f.A.shape[0] for f in factors.values()}
     if len(ranks_seen) != 1:
@@ -153,9 +150,7 @@ def _allocated_adapter(ad_art, errors: list[float], losa: LosaSpec, seed: int, i
     ranks = rank_allocation.allocate(errors, r, losa.max_rank or 2 * r)
     per_module = {m: ranks[rank_allocation.block_of(m)] for m in factors}
     state, config = rank_allocation.resize(state, config, per_module, seed)
-    into.mkdir()
-    save_file(state, into / "adapter_model.safetensors", metadata={"format": "pt"})
-    (into / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+    write_lora(into, config, state)
     return into, ranks
 
 
@@ -173,6 +168,9 @@ def _train_masked(base_art, ad_art, data: Path, cfg: TrainConfig, losa: LosaSpec
     model = load_model(base_art.path, opts.device, opts.dtype)
     metrics: dict = {}
     source = ad_art.path
+    if is_nola(ad_art):  # LoSA trains A and B themselves: a NOLA adapter trains as its expanded LoRA
+        source = tmp / ".resized"
+        write_lora(source, *lora_files(ad_art))
     if losa.rank_allocation == "error":
         errors = _block_errors(base_art, teacher, model, examples, opts)
         source, ranks = _allocated_adapter(ad_art, errors, losa, cfg.seed, tmp / ".resized")
