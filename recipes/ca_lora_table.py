@@ -1,9 +1,9 @@
 """Results table of recipes/ca-lora.mk: perplexity per arm, mean +- std over seeds."""
 
-import json
-import statistics
 import sys
 from pathlib import Path
+
+from tables import cell, load, mean_std, pyplot
 
 ARMS = [
     ("eval-base", "compressed model, no LoRA"),
@@ -15,24 +15,13 @@ ARMS = [
 
 
 def ppl(path: Path) -> float:
-    return json.loads(path.read_text())["perplexity"]
-
-
-def cell(values: list[float]) -> str:
-    if len(values) == 1:
-        return f"{values[0]:.2f}"
-    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+    return load(path)["perplexity"]
 
 
 def plot(root: Path, comps: list[str], seeds: list[str], out: Path) -> None:
     """Grouped bars: perplexity of each arm per compressed model (mean, std over seeds)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print(f"(no plot: pip install matplotlib, or '.[recipes]', to draw {out.name})", file=sys.stderr)
+    plt = pyplot(out)
+    if plt is None:
         return
     arms = ARMS[1:]
     fig, ax = plt.subplots(figsize=(8, 4))
@@ -42,8 +31,9 @@ def plot(root: Path, comps: list[str], seeds: list[str], out: Path) -> None:
         for c in comps:
             vals = ([ppl(root / c / f"{key}.json")] if key.startswith("eval-")
                     else [ppl(root / c / f"s{s}" / f"eval-{key}.json") for s in seeds])
-            means.append(statistics.mean(vals))
-            stds.append(statistics.stdev(vals) if len(vals) > 1 else 0.0)
+            mean, std = mean_std(vals)
+            means.append(mean)
+            stds.append(std)
         ax.bar([i + k * width for i in range(len(comps))], means, width, yerr=stds, label=label)
     ax.axhline(ppl(root / "eval-original.json"), color="black", linestyle="--", label="1. original + original LoRA")
     ax.set_xticks([i + width * (len(arms) - 1) / 2 for i in range(len(comps))], comps)

@@ -1,9 +1,9 @@
 """Results tables of recipes/losa.mk: perplexity, task accuracy and merged sparsity per arm and base."""
 
-import json
-import statistics
 import sys
 from pathlib import Path
+
+from tables import accuracy, cell, load, markdown, mean_std, pyplot
 
 # (directory, label, per seed?)
 ARMS = [
@@ -15,26 +15,11 @@ ARMS = [
 ]
 
 
-def load(path: Path) -> dict:
-    return json.loads(path.read_text())
-
-
 def runs(root: Path, base: str, arm: str, per_seed: bool, seeds: list[str], name: str) -> list[Path]:
     if not arm:
         return [root / base / "eval-base.json"]
     dirs = [root / base / f"{arm}-s{s}" for s in seeds] if per_seed else [root / base / arm]
     return [d / name for d in dirs]
-
-
-def accuracy(result: dict) -> float:
-    tasks = result.get("tasks", {})
-    return statistics.mean(t["acc"] for t in tasks.values()) if tasks else float("nan")
-
-
-def cell(values: list[float], fmt: str = "{:.2f}") -> str:
-    if len(values) == 1:
-        return fmt.format(values[0])
-    return f"{fmt.format(statistics.mean(values))} ± {fmt.format(statistics.stdev(values))}"
 
 
 def sparsity(root: Path, base: str, arm: str, per_seed: bool, seeds: list[str]) -> str:
@@ -44,32 +29,15 @@ def sparsity(root: Path, base: str, arm: str, per_seed: bool, seeds: list[str]) 
     return f"{min(values):.1%}"
 
 
-def table(title: str, bases: list[str], rows: list[tuple[str, list[str]]]) -> None:
-    print(f"{title}\n")
-    print("| arm | " + " | ".join(bases) + " |")
-    print("|---|" + "---|" * len(bases))
-    for label, cells in rows:
-        print(f"| {label} | " + " | ".join(cells) + " |")
-    print()
-
-
 def plot(root: Path, bases: list[str], seeds: list[str], out: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print(f"(no plot: pip install matplotlib, or '.[recipes]', to draw {out.name})", file=sys.stderr)
+    plt = pyplot(out)
+    if plt is None:
         return
     fig, ax = plt.subplots(figsize=(8, 4))
     width = 0.8 / len(ARMS)
     for k, (arm, label, per_seed) in enumerate(ARMS):
-        means, stds = [], []
-        for b in bases:
-            vals = [load(p)["perplexity"] for p in runs(root, b, arm, per_seed, seeds, "eval.json")]
-            means.append(statistics.mean(vals))
-            stds.append(statistics.stdev(vals) if len(vals) > 1 else 0.0)
+        stats = [mean_std([load(p)["perplexity"] for p in runs(root, b, arm, per_seed, seeds, "eval.json")]) for b in bases]
+        means, stds = [m for m, _ in stats], [s for _, s in stats]
         ax.bar([i + k * width for i in range(len(bases))], means, width, yerr=stds, label=label)
     ax.axhline(load(root / "eval-dense-lora.json")["perplexity"], color="black", linestyle="--", label="dense + LoRA")
     ax.axhline(load(root / "eval-dense.json")["perplexity"], color="grey", linestyle=":", label="dense, no LoRA")
@@ -94,9 +62,9 @@ def main(root: str, bases: str, seeds: str, png: str | None = None) -> None:
         ppl_rows.append((label, [cell([e["perplexity"] for e in evals[b]]) for b in bases]))
         acc_rows.append((label, [cell([accuracy(e) for e in evals[b]], "{:.3f}") for b in bases]))
         sp_rows.append((label, [sparsity(root, b, arm, per_seed, seeds) for b in bases]))
-    table("Perplexity on the held-out text (lower is better), merged models", bases, ppl_rows)
-    table("Task accuracy (mean over tasks), merged models", bases, acc_rows)
-    table("Sparsity of the decoder linears after the merge (lowest over seeds)", bases, sp_rows)
+    markdown("Perplexity on the held-out text (lower is better), merged models", ["arm", *bases], ppl_rows)
+    markdown("Task accuracy (mean over tasks), merged models", ["arm", *bases], acc_rows)
+    markdown("Sparsity of the decoder linears after the merge (lowest over seeds)", ["arm", *bases], sp_rows)
 
 
 if __name__ == "__main__":

@@ -42,3 +42,20 @@ def test_losa_recipe_smoke(tiny_base, small_text, calib_text, tmp_path):
     losa = json.loads((out / "w50-rmi" / "losa-s0" / "merge.json").read_text())
     assert naive["sparsity_after"] < naive["sparsity_before"]  # the naive merge refilled zeros
     assert losa["zeros_filled"] == 0 and losa["sparsity_after"] >= losa["sparsity_before"]
+
+
+def test_nola_recipe_smoke(tiny_base, small_text, tmp_path):
+    out = tmp_path / "nola"
+    cmd = [
+        "make", "-s", "-C", str(REPO / "recipes"), "nola",
+        f"CALORA={sys.executable} -m calora_cli", f"PY={sys.executable}",
+        f"NOLA_MODEL={tiny_base}", f"NOLA={out}", f"NOLA_DATA={small_text}", f"NOLA_EVAL={small_text}",
+        "NOLA_STEPS=2", "NOLA_SEEDS=0", "NOLA_SEQ=64", "NOLA_BS=2", "NOLA_TASK_LIMIT=5", "NOLA_BUDGETS=16",
+    ]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    table = (out / "results.md").read_text()
+    for arm in ("LoRA rank 8", "LoRA rank 1", "NOLA trained, k = l = 16", "LoRA r8 -> NOLA, k = l = 16"):
+        assert arm in table
+    # stored sizes are measured, not assumed: 14 modules x (16 + 16) coefficients
+    assert "| NOLA trained, k = l = 16 | 448 |" in table
