@@ -2,7 +2,7 @@
 # bases, five arms each, several seeds; perplexity on a held-out history (Richard II).
 #   make -C recipes ca-lora                      # full settings (~1 hour on 2 CPU cores)
 #   make -C recipes ca-lora CA_STEPS=2 CA_SEEDS=0 CA_MODEL=... CA_OUT=...   # smoke run (tests)
-CA_MODEL  ?= $(TINY)
+CA_MODEL  ?= $(MODEL_DIR)
 CA        ?= $(OUT)/ca-lora
 CA_DATA   ?= $(SHK)/train-histories.txt
 CA_EVAL   ?= $(SHK)/plays/histories--richard-ii.txt

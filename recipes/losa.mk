@@ -5,7 +5,7 @@
 # the dense model + LoRA. Perplexity on a held-out history (Richard II) plus the next-line multiple-choice task.
 #   make -C recipes losa                                    # full settings (~1 hour on 2 CPU cores)
 #   make -C recipes losa LOSA_STEPS=2 LOSA_SEEDS=0 ...      # smoke run (tests)
-LOSA_MODEL ?= $(TINY)
+LOSA_MODEL ?= $(MODEL_DIR)
 LOSA      ?= $(OUT)/losa
 LOSA_DATA ?= $(SHK)/train-histories.txt
 LOSA_EVAL ?= $(SHK)/plays/histories--richard-ii.txt

@@ -4,7 +4,7 @@
 # next-line task, against parameters and bytes on disk; several seeds.
 #   make -C recipes nola                                  # full settings (~1 hour on 2 CPU cores)
 #   make -C recipes nola NOLA_STEPS=2 NOLA_SEEDS=0 ...    # smoke run (tests)
-NOLA_MODEL ?= $(TINY)
+NOLA_MODEL ?= $(MODEL_DIR)
 NOLA      ?= $(OUT)/nola
 NOLA_DATA ?= $(SHK)/train-histories.txt
 NOLA_EVAL ?= $(SHK)/plays/histories--richard-ii.txt

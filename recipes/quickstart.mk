@@ -11,18 +11,18 @@ QS_TASK_LIMIT ?= 300
 quickstart: $(QS)/results.md
 	@cat $<
 
-$(QS)/lora-histories/calora.json: $(TINY)/config.json
-	$(CALORA) train $(TINY) --data $(SHK)/train-histories.txt -o $(QS)/lora-histories \
+$(QS)/lora-histories/calora.json: $(MODEL_DIR)/config.json
+	$(CALORA) train $(MODEL_DIR) --data $(SHK)/train-histories.txt -o $(QS)/lora-histories \
 	    --rank 8 --steps $(QS_STEPS) --lr 3e-3 --batch-size 8 --seq-len 256 --seed 0 --force
 
-$(QS)/eval-base.json: $(TINY)/config.json
-	$(CALORA) eval $(TINY) --ppl $(SHK)/plays/histories--richard-ii.txt \
+$(QS)/eval-base.json: $(MODEL_DIR)/config.json
+	$(CALORA) eval $(MODEL_DIR) --ppl $(SHK)/plays/histories--richard-ii.txt \
 	    --tasks $(SHK)/tasks/next-line-valid.jsonl --limit $(QS_TASK_LIMIT) --seq-len 256 -o $@ --force
 
 $(QS)/eval-lora.json: $(QS)/lora-histories/calora.json
-	$(CALORA) eval $(TINY) --adapter $(QS)/lora-histories --ppl $(SHK)/plays/histories--richard-ii.txt \
+	$(CALORA) eval $(MODEL_DIR) --adapter $(QS)/lora-histories --ppl $(SHK)/plays/histories--richard-ii.txt \
 	    --tasks $(SHK)/tasks/next-line-valid.jsonl --limit $(QS_TASK_LIMIT) --seq-len 256 -o $@ --force
 
 $(QS)/results.md: $(QS)/eval-base.json $(QS)/eval-lora.json
-	$(PY) table.py "base (pretrained tiny Llama)=$(QS)/eval-base.json" \
+	$(PY) table.py "base ($(MODEL))=$(QS)/eval-base.json" \
 	    "base + histories LoRA=$(QS)/eval-lora.json" > $@

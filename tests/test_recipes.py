@@ -59,3 +59,29 @@ def test_nola_recipe_smoke(tiny_base, small_text, tmp_path):
         assert arm in table
     # stored sizes are measured, not assumed: 14 modules x (16 + 16) coefficients
     assert "| NOLA trained, k = l = 16 | 448 |" in table
+
+
+def test_smollm2_conversion_saves_a_plain_float32_model(tiny_base, tmp_path):
+    """The part of recipes/smollm2.py that is ours (the GGUF reading is transformers'): a model
+    loaded from GGUF is saved as a plain safetensors folder that calora and transformers load."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    sys.path.insert(0, str(REPO / "recipes"))
+    try:
+        import smollm2
+    finally:
+        sys.path.pop(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_base)
+    model.config.quantization_config = {"quant_method": "gguf", "gguf_file": "x.gguf", "dequantize": False}
+    smollm2.save_clean(model, AutoTokenizer.from_pretrained(tiny_base), tmp_path / "m", {"source": "test"})
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert "quantization_config" not in cfg
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    for (k, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items()):
+        assert torch.equal(a, b), k
+    m = json.loads((tmp_path / "m" / "calora.json").read_text())
+    assert m["kind"] == "model" and m["stage"] == "import" and m["params"]["source"] == "test"
+    from calora_cli.artifacts import open_artifact, verify
+
+    assert verify(open_artifact(tmp_path / "m"))["ok"]
