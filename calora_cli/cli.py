@@ -372,6 +372,10 @@ def recover(
     ] = None,
     checkpoint_every: Annotated[int, typer.Option("--checkpoint-every", help="Save a resumable state every N steps in OUT.ckpt/.")] = 50,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT.ckpt/ of an interrupted run.")] = False,
+    cache_teacher: Annotated[
+        bool, typer.Option("--cache-teacher", help="Compute the teacher's outputs once for all examples (refused if they "
+                           "would not fit in memory) instead of at every step.")
+    ] = False,
     allow_base_mismatch: AllowMismatch = False,
     seed: Seed = 0,
     device: Device = "cpu",
@@ -386,7 +390,7 @@ def recover(
     from calora_cli.train import TrainConfig
 
     cfg = TrainConfig(steps=steps, lr=lr, batch_size=batch_size, seq_len=seq_len, seed=seed)
-    spec = RecoverSpec(distill, distill_weight, temperature, recovery_dim, checkpoint_every, resume)
+    spec = RecoverSpec(distill, distill_weight, temperature, recovery_dim, checkpoint_every, resume, cache_teacher)
     opts = _opts(device, dtype, seed, force, quiet, allow_base_mismatch)
     _emit(run(adapter, base, teacher, teacher_adapter, data, output, cfg, spec, opts), json_)
 

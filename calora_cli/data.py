@@ -135,8 +135,9 @@ def load_examples(path: Path, tokenizer, seq_len: int) -> Examples:
     return Examples(blocks, torch.ones_like(blocks), blocks.clone())
 
 
-def batches(examples: Examples, batch_size: int, seed: int) -> Iterator[dict[str, "torch.Tensor"]]:
-    """An endless stream of batches: seeded shuffles, one epoch after another."""
+def batches(examples: Examples, batch_size: int, seed: int, with_index: bool = False) -> Iterator[dict[str, "torch.Tensor"]]:
+    """An endless stream of batches: seeded shuffles, one epoch after another (`with_index`: each
+    batch also carries its examples' indices under "index")."""
     import torch
 
     g = torch.Generator().manual_seed(seed)
@@ -144,4 +145,5 @@ def batches(examples: Examples, batch_size: int, seed: int) -> Iterator[dict[str
     while True:
         order = torch.randperm(n, generator=g)
         for i in range(0, n - batch_size + 1 if n >= batch_size else 1, batch_size):
-            yield examples.batch(order[i : i + batch_size])
+            idx = order[i : i + batch_size]
+            yield {**examples.batch(idx), "index": idx} if with_index else examples.batch(idx)

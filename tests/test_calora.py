@@ -124,6 +124,32 @@ def test_resumed_run_equals_uninterrupted(tiny_base, tiny_lora, compressed, inhe
     assert not (tmp_path / "cut.ckpt").exists()
 
 
+@pytest.mark.parametrize("distill", ["hidden", "both"])
+def test_cached_teacher_trains_the_same_adapter(tiny_base, tiny_lora, compressed, inherited, small_text, tmp_path, distill):
+    from safetensors.torch import load_file
+
+    from calora_cli.data import load_examples
+    from calora_cli.models import load_tokenizer
+    from calora_cli.stages.recover import TeacherCache
+
+    cfg = TrainConfig(steps=8, lr=3e-3, batch_size=2, seq_len=64, seed=2)  # several epochs of the small text
+    args = (inherited, compressed / "wanda", tiny_base, tiny_lora, small_text)
+    recover(*args, tmp_path / "live", cfg, RecoverSpec(distill=distill, distill_weight=5), Q)
+    recover(*args, tmp_path / "cached", cfg, RecoverSpec(distill=distill, distill_weight=5, cache_teacher=True), Q)
+    for name in ("adapter_model.safetensors", "recovery.safetensors"):
+        a, b = load_file(tmp_path / "live" / name), load_file(tmp_path / "cached" / name)
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-5)
+    # the memory check counts what the cache really holds
+    from calora_cli.models import load_model
+
+    ex = load_examples(small_text, load_tokenizer(tiny_base), 64)
+    teacher = load_model(tiny_base)
+    cache = TeacherCache(teacher, ex, RecoverSpec(distill=distill), 4)
+    held = sum(t.numel() * t.element_size() for t in (cache.hidden_states, cache.all_logits) if t is not None)
+    assert held == TeacherCache.bytes_needed(ex, teacher.config, RecoverSpec(distill=distill))
+
+
 def test_inheritance_only_has_no_recovery_modules(cli, tiny_base, tiny_lora, compressed, inherited, small_text, tmp_path):
     _ok(cli("recover", inherited, "--base", compressed / "wanda", "--teacher", tiny_base, "--teacher-adapter", tiny_lora,
             "--data", small_text, "-o", tmp_path / "r", "--steps", "2", "--seq-len", "64", "--batch-size", "2",

@@ -9,6 +9,7 @@ train.py, which it extends with this loss; nothing is copied.
 
 from __future__ import annotations
 
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,7 @@ class RecoverSpec:
     recovery_dim: int | None = None  # default: the LoRA rank; 0: no recovery modules
     checkpoint_every: int = 50
     resume: bool = False
+    cache_teacher: bool = False
 
     def check(self) -> None:
         if self.distill not in DISTILL:
@@ -63,17 +65,60 @@ def distill_terms(student_out, teacher_out, mask, spec: RecoverSpec):
     return total
 
 
-def make_loss(teacher, spec: RecoverSpec):
+class TeacherCache:
+    """The teacher's outputs on every training example, computed once (`--cache-teacher`).
+
+    Worth it when training sees each example more than once; it holds the final hidden states
+    and/or the logits of every example, so it is refused when that would not fit in memory.
+    """
+
+    def __init__(self, teacher, examples, spec: RecoverSpec, batch_size: int):
+        import torch
+
+        self.hidden = spec.distill in ("hidden", "both")
+        self.logits = spec.distill in ("logits", "both")
+        hs, lg = [], []
+        with torch.no_grad():
+            for lo in range(0, len(examples), batch_size):
+                b = examples.batch(torch.arange(lo, min(lo + batch_size, len(examples))))
+                out = teacher(input_ids=b["input_ids"], attention_mask=b["attention_mask"], output_hidden_states=self.hidden)
+                if self.hidden:
+                    hs.append(out.hidden_states[-1])
+                if self.logits:
+                    lg.append(out.logits)
+        self.hidden_states = torch.cat(hs) if hs else None
+        self.all_logits = torch.cat(lg) if lg else None
+
+    @staticmethod
+    def bytes_needed(examples, config, spec: RecoverSpec) -> int:
+        n, seq = examples.input_ids.shape
+        width = (config.hidden_size if spec.distill in ("hidden", "both") else 0) + (
+            config.vocab_size if spec.distill in ("logits", "both") else 0)
+        return n * seq * width * 4
+
+    def outputs(self, index):
+        """What distill_terms reads of a teacher forward, for the examples at `index`."""
+        import types
+
+        return types.SimpleNamespace(hidden_states=[self.hidden_states[index]] if self.hidden else None,
+                                     logits=self.all_logits[index] if self.logits else None)
+
+
+def make_loss(teacher, spec: RecoverSpec, cache: TeacherCache | None = None):
     import torch
 
     def loss_fn(model, batch):
+        index = batch.pop("index", None)
         hidden = spec.distill in ("hidden", "both")
         out = model(**batch, output_hidden_states=hidden)
         ce = out.loss
         if spec.distill_weight == 0:
             return ce, {"ce": ce.item()}
-        with torch.no_grad():
-            t = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=hidden)
+        if cache is not None:
+            t = cache.outputs(index)
+        else:
+            with torch.no_grad():
+                t = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=hidden)
         d = distill_terms(out, t, batch["attention_mask"], spec)
         return ce + spec.distill_weight * d, {"ce": ce.item(), "distill": float(d)}
 
@@ -113,7 +158,8 @@ def recover(adapter: Path, base: Path, teacher: Path, teacher_adapter: Path, dat
     modules = recovery.attach(student, rank, lora_cfg.lora_alpha, seed=cfg.seed) if rank else None
 
     run = {**cfg.as_params(), "distill": spec.distill, "distill_weight": spec.distill_weight,
-           "temperature": spec.temperature, "recovery_dim": rank, "recovery_alpha": lora_cfg.lora_alpha}
+           "temperature": spec.temperature, "recovery_dim": rank, "recovery_alpha": lora_cfg.lora_alpha,
+           "cache_teacher": spec.cache_teacher}
     ckpt = Checkpoints(out.with_name(out.name + ".ckpt"), spec.checkpoint_every, {**run, "adapter": ad.fingerprint})
     if not spec.resume:
         shutil.rmtree(ckpt.directory, ignore_errors=True)
@@ -122,9 +168,19 @@ def recover(adapter: Path, base: Path, teacher: Path, teacher_adapter: Path, dat
         if _stop_after is not None and step + 1 == _stop_after:
             raise KeyboardInterrupt  # tests: an interrupted run, to resume
 
+    cache = None
+    if spec.cache_teacher and spec.distill_weight > 0:
+        need = TeacherCache.bytes_needed(examples, teacher_model.config, spec)
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        if need > free // 2:
+            raise CaloraError(f"--cache-teacher would hold {need / 1e9:.1f} GB of teacher outputs, more than half the "
+                              f"{free / 1e9:.1f} GB free: drop --cache-teacher (outputs are then computed each step)")
+        with progress("teacher cache", None, opts.show_progress):
+            cache = TeacherCache(teacher_model, examples, spec, cfg.batch_size)
     with progress("recover", cfg.steps, opts.show_progress) as advance:
-        metrics = train_loop(student, student.parameters(), batches(examples, cfg.batch_size, cfg.seed), cfg,
-                             loss_fn=make_loss(teacher_model, spec), after_step=stop, on_step=advance,
+        metrics = train_loop(student, student.parameters(),
+                             batches(examples, cfg.batch_size, cfg.seed, with_index=cache is not None), cfg,
+                             loss_fn=make_loss(teacher_model, spec, cache), after_step=stop, on_step=advance,
                              checkpoints=ckpt, resume=spec.resume)
 
     inputs = {"adapter": ad.input_record(), "base": base_art.input_record(), "teacher": t_art.input_record(),
