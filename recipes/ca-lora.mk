@@ -19,6 +19,7 @@ CA_GROUP  ?= 128
 
 ca_method_gptq4      := --method gptq --bits 4 --group-size $(CA_GROUP)
 ca_method_wanda50    := --method wanda --sparsity 0.5
+ca_method_wanda70    := --method wanda --sparsity 0.7
 ca_method_w24-gptq4  := --method wanda --pattern 2:4 --then gptq --bits 4 --group-size $(CA_GROUP)
 
 CA_TRAIN = --steps $(CA_STEPS) --lr $(CA_LR) --batch-size $(CA_BS) --seq-len $(CA_SEQ) -q --force
