@@ -36,6 +36,10 @@ SAMPLES, SAMPLE_BYTES = 16, 4096
 # --- safetensors headers ---------------------------------------------------------------------
 
 
+def _a(noun: str) -> str:
+    return f"an {noun}" if noun[:1] in "aeiou" else f"a {noun}"
+
+
 def read_safetensors_header(path: Path) -> dict[str, Any]:
     """Parse and check a safetensors header without reading the tensors.
 
@@ -229,9 +233,9 @@ def open_artifact(path: Path | str, expect: str | None = None, role: str = "inpu
         raise CaloraError(f"{role} {path} is not a model or adapter (no config.json or adapter_config.json)")
     config = "adapter_config.json" if kind == "adapter" else "config.json"
     if not (path / config).exists():
-        raise CaloraError(f"{role} {path} is a {kind} artifact without {config}")
+        raise CaloraError(f"{role} {path} is {_a(kind)} artifact without {config}")
     if expect and kind != expect:
-        raise CaloraError(f"{role} {path} is a {kind}, expected a {expect}")
+        raise CaloraError(f"{role} {path} is {_a(kind)}, expected {_a(expect)}")
 
     weights = safetensors_files(path)
     if not weights:

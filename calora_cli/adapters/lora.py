@@ -63,6 +63,8 @@ def factors_from_state(state: dict[str, "torch.Tensor"], config: dict) -> dict[s
         if B.shape[1] != r:
             raise CaloraError(f"adapter rank mismatch in {module}: A has rank {r}, B has {B.shape[1]}")
         for name, t in ((key, A), (bkey, B)):
+            if not t.is_floating_point():
+                raise CaloraError(f"adapter tensor {name} has dtype {str(t.dtype).removeprefix('torch.')}; LoRA factors are floating point")
             if not t.isfinite().all():
                 raise CaloraError(f"adapter tensor {name} holds NaN or Inf values")
         alpha = _pattern_value(config.get("alpha_pattern"), module, config.get("lora_alpha", r))
