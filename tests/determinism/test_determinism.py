@@ -1,0 +1,76 @@
+"""Every stage, run twice with the same inputs and seed, writes byte-identical files (CPU).
+
+The documented exceptions (docs/cli.md) are GPU kernels; nothing here runs on a GPU.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from helpers import SHK
+
+TEXT = SHK / "plays" / "histories--richard-ii.txt"
+SMALL = ["--seq-len", "32", "--batch-size", "2", "--steps", "2"]
+COMPARED: list[str] = []
+
+
+def stages(base: Path, lora: Path, pruned: Path, gptq: Path, nola: Path) -> dict[str, list]:
+    """name -> argv without -o (each run gets its own output)."""
+    calib = ["--calib", TEXT, "--calib-samples", "4", "--seq-len", "32"]
+    return {
+        "compress-magnitude": ["compress", base, "--method", "magnitude", "--sparsity", "0.5"],
+        "compress-wanda-rmi": ["compress", base, "--method", "wanda", "--sparsity", "0.5", "--allocation", "rmi", *calib],
+        "compress-sparsegpt-2:4": ["compress", base, "--method", "sparsegpt", "--pattern", "2:4", *calib],
+        "compress-gptq": ["compress", base, "--method", "gptq", "--group-size", "32", *calib],
+        "compress-nf4": ["compress", base, "--method", "nf4"],
+        "train-lora": ["train", base, "--data", TEXT, *SMALL, "--seed", "3"],
+        "train-nola-4bit": ["train", base, "--data", TEXT, *SMALL, "--kind", "nola", "--bases", "16", "--coef-bits", "4"],
+        "inherit-gptq": ["inherit", lora, "--base", gptq],
+        "recover": ["recover", lora, "--base", pruned, "--teacher", base, "--teacher-adapter", lora, "--data", TEXT, *SMALL,
+                    "--seed", "5"],
+        "sparsify": ["sparsify-adapter", lora, "--base", pruned],
+        "sparsify-losa-error-distill": ["sparsify-adapter", lora, "--base", pruned, "--data", TEXT, *SMALL,
+                                        "--rank-allocation", "error", "--distill-from", base],
+        "merge-dense": ["merge", base, "--adapter", lora],
+        "merge-keep-sparsity": ["merge", pruned, "--adapter", lora, "--keep-sparsity"],
+        "merge-gptq": ["merge", gptq, "--adapter", lora],
+        "compress-lora-to-nola": ["compress", lora, "--method", "nola", "--bases", "16", "--data", TEXT, *SMALL],
+        "expand-nola": ["compress", nola, "--method", "expand"],
+    }
+
+
+@pytest.fixture(scope="module")
+def inputs(tiny_base, tiny_lora, tmp_path_factory):
+    from calora_cli.stages.common import RunOptions
+    from calora_cli.stages.compress import CompressSpec, compress_model
+    from calora_cli.stages.finetune import train_lora
+    from calora_cli.train import TrainConfig
+
+    root = tmp_path_factory.mktemp("det-inputs")
+    q = RunOptions(show_progress=False)
+    compress_model(tiny_base, root / "pruned", CompressSpec("magnitude", 0.5), q)
+    compress_model(tiny_base, root / "gptq", CompressSpec("gptq", group_size=32, calib=TEXT, calib_samples=4, seq_len=32), q)
+    train_lora(tiny_base, TEXT, root / "nola", TrainConfig(steps=2, batch_size=2, seq_len=32), q, kind="nola", bases=(16, 16))
+    return tiny_base, tiny_lora, root / "pruned", root / "gptq", root / "nola"
+
+
+def files(path: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("name", sorted(stages(*[Path()] * 5)))
+def test_stage_twice_gives_identical_bytes(cli, inputs, tmp_path, name):
+    argv = stages(*inputs)[name]
+    outs = []
+    for run in ("a", "b"):
+        r = cli(*argv, "-o", tmp_path / run, "--json")
+        assert r.exit_code == 0, r.stderr
+        outs.append(files(tmp_path / run))
+    assert outs[0].keys() == outs[1].keys()
+    differ = [f for f in outs[0] if outs[0][f] != outs[1][f]]
+    assert not differ, differ
+    manifest = json.loads(outs[0]["calora.json"])
+    assert manifest["kind"] in ("model", "adapter")
+    COMPARED.append(name)
