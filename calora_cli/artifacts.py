@@ -8,6 +8,7 @@ checks every stage runs first stay cheap.
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import os
@@ -276,6 +277,21 @@ def check_output(out: Path, force: bool) -> None:
         raise CaloraError(f"output {out} already exists (pass --force to replace it)")
 
 
+def _remove_stale(out: Path) -> None:
+    """Remove temp dirs beside OUT left by a killed run (named with the pid of a dead process)."""
+    for d in out.parent.glob(f"{glob.escape(out.name)}.[to][ml][pd]-*"):
+        try:
+            pid = int(d.name[len(out.name) + 5 :].split("-", 1)[0])
+        except ValueError:
+            continue
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(d, ignore_errors=True)
+        except PermissionError:
+            pass  # alive, another user's
+
+
 @contextlib.contextmanager
 def atomic_output(out: Path | str, force: bool = False) -> Iterator[Path]:
     """Yield a temp dir beside OUT; on success rename it to OUT, on any failure remove it.
@@ -286,11 +302,12 @@ def atomic_output(out: Path | str, force: bool = False) -> Iterator[Path]:
     out = Path(out)
     check_output(out, force)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{out.name}.tmp-", dir=out.parent))
+    _remove_stale(out)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{out.name}.tmp-{os.getpid()}-", dir=out.parent))
     try:
         yield tmp
         if out.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f"{out.name}.old-", dir=out.parent))
+            trash = Path(tempfile.mkdtemp(prefix=f"{out.name}.old-{os.getpid()}-", dir=out.parent))
             os.replace(out, trash / "old")
             os.replace(tmp, out)
             shutil.rmtree(trash, ignore_errors=True)

@@ -6,6 +6,7 @@ Nothing heavy is imported at module level: `calora --help` must not import torch
 from __future__ import annotations
 
 import contextlib
+import errno
 import contextvars
 import functools
 import json
@@ -87,6 +88,12 @@ def command(fn: Callable[..., Any]) -> Callable[..., Any]:
             raise typer.Exit(130) from None
         except typer.Exit:
             raise
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+                raise
+            # the output's temp dir was removed on the way out (atomic_output): nothing half-written remains
+            _err(f"error: cannot write the output: {os.strerror(e.errno).lower()} ({e.filename or 'output'})")
+            raise typer.Exit(2) from None
         except Exception as e:  # a bug, not bad input: say so, in one line unless --debug
             if debug:
                 traceback.print_exc()

@@ -1,0 +1,107 @@
+"""Faults: writing stages killed with SIGKILL at seeded random moments, and a full disk.
+
+After each kill: no OUT unless it is complete (a complete OUT passes `info --verify`), and the
+same command run again (with --force when OUT exists) succeeds and leaves no temp dirs behind.
+A file-size limit (RLIMIT_FSIZE, the loop-free way to fill a "disk") gives one line, exit 2, no OUT.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import resource
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from helpers import SHK
+
+TEXT = SHK / "plays" / "histories--richard-ii.txt"
+SMALL = ["--seq-len", "32", "--batch-size", "2"]
+TRIALS_PER_STAGE = 3
+KILL_WINDOW_S = 5.0
+COUNTS = {"trials": 0, "running_when_killed": 0, "complete_outputs_verified": 0}
+
+
+def stages(base: Path, lora: Path, pruned: Path) -> dict[str, list]:
+    return {
+        "compress": ["compress", base, "--method", "wanda", "--sparsity", "0.5", "--calib", TEXT, "--calib-samples", "8",
+                     "--seq-len", "32"],
+        "train": ["train", base, "--data", TEXT, *SMALL, "--steps", "15"],
+        "merge": ["merge", base, "--adapter", lora],
+        "inherit": ["inherit", lora, "--base", pruned],
+        "sparsify-adapter": ["sparsify-adapter", lora, "--base", pruned, "--data", TEXT, *SMALL, "--steps", "10"],
+        "recover": ["recover", lora, "--base", pruned, "--teacher", base, "--teacher-adapter", lora, "--data", TEXT, *SMALL,
+                    "--steps", "10"],
+        "compress-nola": ["compress", lora, "--method", "nola", "--bases", "16", "--data", TEXT, *SMALL, "--steps", "10"],
+    }
+
+
+def calora(*args, **kw) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GPTQMODEL_DISABLE_PACK_EXT": "1"}
+    return subprocess.run([sys.executable, "-m", "calora_cli", *map(str, args)], capture_output=True, text=True, env=env, **kw)
+
+
+def verified(out: Path) -> bool:
+    """What `calora info --verify` checks: every file hashes to its manifest entry."""
+    from calora_cli.artifacts import open_artifact, verify
+
+    result = verify(open_artifact(out))
+    assert result["ok"], result["problems"]
+    return True
+
+
+def leftovers(out: Path) -> list[str]:
+    return sorted(p.name for p in out.parent.glob(f"{out.name}.*") if not p.name.endswith(".ckpt"))
+
+
+@pytest.fixture(scope="module")
+def pruned(tiny_base, tmp_path_factory):
+    from calora_cli.stages.common import RunOptions
+    from calora_cli.stages.compress import CompressSpec, compress_model
+
+    out = tmp_path_factory.mktemp("fault-pruned") / "m"
+    compress_model(tiny_base, out, CompressSpec("magnitude", 0.5), RunOptions(show_progress=False))
+    return out
+
+
+@pytest.mark.parametrize("stage", sorted(stages(*[Path()] * 3)))
+def test_kill_9_never_leaves_a_partial_output(tiny_base, tiny_lora, pruned, tmp_path, stage):
+    argv = stages(tiny_base, tiny_lora, pruned)[stage]
+    rng = random.Random(f"faults/{stage}")
+    for trial in range(TRIALS_PER_STAGE):
+        out = tmp_path / f"out{trial}"
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "GPTQMODEL_DISABLE_PACK_EXT": "1"}
+        proc = subprocess.Popen([sys.executable, "-m", "calora_cli", *map(str, argv), "-o", str(out)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+        # each stage takes 3-6 s here, most of it imports: kills land in imports, reading, training, writing
+        time.sleep(rng.uniform(0.3, KILL_WINDOW_S))
+        finished = proc.poll() is not None
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        COUNTS["trials"] += 1
+        COUNTS["running_when_killed"] += not finished
+        if out.exists():  # it finished before the kill: it must be whole
+            assert verified(out)
+            COUNTS["complete_outputs_verified"] += 1
+        again = calora(*argv, "-o", out, "--force")
+        assert again.returncode == 0, again.stderr
+        assert verified(out)
+        assert leftovers(out) == [], leftovers(out)  # the rerun cleared the killed run's temp dir
+
+
+def test_full_disk_gives_one_line_and_no_output(tiny_base, tiny_lora, tmp_path):
+    out = tmp_path / "m"
+    limit = 256 * 1024  # smaller than the merged model
+
+    def small_disk():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    r = calora("merge", tiny_base, "--adapter", tiny_lora, "-o", out, preexec_fn=small_disk)
+    assert r.returncode == 2, r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("calora: error: cannot write the output: file too large"), r.stderr
+    assert not out.exists() and leftovers(out) == []
