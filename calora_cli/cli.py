@@ -131,6 +131,10 @@ def _opts(device: str = "cpu", dtype: str = "float32", seed: int = 0, force: boo
 
 
 def _emit(summary: dict, as_json: bool) -> None:
+    from calora_cli.distributed import is_writer
+
+    if not is_writer():  # one summary per distributed run, from rank 0
+        return
     out = _STDOUT.get() or sys.stdout
     if as_json:
         print(json.dumps(summary, sort_keys=True, default=str), file=out, flush=True)

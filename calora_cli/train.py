@@ -137,9 +137,13 @@ def train_loop(
     """
     import torch
 
+    from calora_cli import distributed
+
     params = [p for p in params if p.requires_grad]
     if not params:
         raise CaloraError("nothing to train: no trainable parameters")
+    device = params[0].device
+    forward = distributed.wrap(model, device)  # DDP under torchrun/accelerate: gradients averaged over processes
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
     start, losses = (checkpoints.load(params, opt, sched) if checkpoints and resume else (0, []))
@@ -149,9 +153,9 @@ def train_loop(
         on_step(start)
     model.train()
     for step in range(start, cfg.steps):
-        batch = next(data)
-        batch = {k: v.to(params[0].device) for k, v in batch.items()}
-        loss, logs = loss_fn(model, batch)
+        batch = distributed.shard(next(data), cfg.batch_size)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        loss, logs = loss_fn(forward, batch)
         if not torch.isfinite(loss):
             raise CaloraError(f"training diverged: loss is {loss.item()} at step {step + 1} (try a lower --lr)")
         opt.zero_grad(set_to_none=True)
@@ -162,10 +166,10 @@ def train_loop(
         sched.step()
         if after_step is not None:
             after_step(step)
-        losses.append(loss.item())
+        losses.append(distributed.mean(loss.item(), device))
         if on_step is not None:
             on_step(1, **logs)
-        if checkpoints is not None and (step + 1) % checkpoints.every == 0 and step + 1 < cfg.steps:
+        if checkpoints is not None and (step + 1) % checkpoints.every == 0 and step + 1 < cfg.steps and distributed.is_writer():
             checkpoints.save(step + 1, params, opt, sched, losses)
     model.eval()
     tail = losses[-max(1, min(10, len(losses) // 5)) :]

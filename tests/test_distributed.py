@@ -1,0 +1,69 @@
+"""Training stages under torchrun: 2 gloo processes on CPU train the same adapter as 1 process."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from helpers import SHK
+from safetensors.torch import load_file
+
+TEXT = SHK / "plays" / "histories--richard-ii.txt"
+SMALL = ["--steps", "4", "--batch-size", "4", "--seq-len", "32", "--lr", "3e-3", "--json"]
+
+
+def run(args, processes: int):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GPTQMODEL_DISABLE_PACK_EXT": "1", "OMP_NUM_THREADS": "1"}
+    launcher = [sys.executable, "-m", "calora_cli"] if processes == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}", "-m", "calora_cli"]
+    r = subprocess.run([*launcher, *map(str, args)], capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    summaries = [line for line in r.stdout.splitlines() if line.startswith("{")]
+    assert len(summaries) == 1, r.stdout  # only rank 0 prints
+    return json.loads(summaries[0])
+
+
+@pytest.fixture(scope="module")
+def pruned(tiny_base, tmp_path_factory):
+    from calora_cli.stages.common import RunOptions
+    from calora_cli.stages.compress import CompressSpec, compress_model
+
+    out = tmp_path_factory.mktemp("dist-pruned") / "m"
+    compress_model(tiny_base, out, CompressSpec("magnitude", 0.5), RunOptions(show_progress=False))
+    return out
+
+
+@pytest.mark.parametrize("stage", ["train", "recover", "sparsify-adapter"])
+def test_two_processes_train_the_same_adapter_as_one(tiny_base, tiny_lora, pruned, tmp_path, stage):
+    argv = {
+        "train": ["train", tiny_base, "--data", TEXT],
+        "recover": ["recover", tiny_lora, "--base", pruned, "--teacher", tiny_base, "--teacher-adapter", tiny_lora,
+                    "--data", TEXT, "--distill-weight", "2"],
+        "sparsify-adapter": ["sparsify-adapter", tiny_lora, "--base", pruned, "--data", TEXT],
+    }[stage]
+    one = run([*argv, *SMALL, "-o", tmp_path / "one"], 1)
+    two = run([*argv, *SMALL, "-o", tmp_path / "two"], 2)
+    assert two["first_loss"] == pytest.approx(one["first_loss"], abs=1e-5)
+    files = sorted(p.name for p in (tmp_path / "one").glob("*.safetensors"))
+    assert files == sorted(p.name for p in (tmp_path / "two").glob("*.safetensors")) and files
+    for name in files:
+        a, b = load_file(tmp_path / "one" / name), load_file(tmp_path / "two" / name)
+        assert a.keys() == b.keys()
+        for k in a:
+            if a[k].is_floating_point():
+                torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-5)
+            else:
+                assert torch.equal(a[k], b[k]), k
+    # nothing beside the outputs: the second process wrote into a throwaway dir
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "two"]
+
+
+def test_batch_must_split_evenly_over_processes(tiny_base, tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m",
+                        "calora_cli", "train", str(tiny_base), "--data", str(TEXT), "--steps", "1", "--batch-size", "3",
+                        "--seq-len", "32", "-o", str(tmp_path / "o")], capture_output=True, text=True, env=env)
+    assert r.returncode != 0 and "--batch-size 3 must be divisible by the 2 processes" in r.stderr
+    assert not (tmp_path / "o").exists()
