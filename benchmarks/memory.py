@@ -1,0 +1,101 @@
+"""Peak memory against model size: compress, eval, merge and info --verify on 3 local models.
+
+Builds fp32 Llama models of about --sizes GB (random weights, sharded), a rank-16 LoRA for each,
+and runs every stage in a fresh process, reading its peak resident set (VmHWM) and its resident
+set after imports. The slope of (peak - imports) against model size says how memory grows:
+~1 for stages that hold the model once (compress, eval), ~0 for streaming ones (merge, verify).
+
+    .venv/bin/python benchmarks/memory.py                      # 0.5, 1 and 2.2 GB
+    .venv/bin/python benchmarks/memory.py --sizes 0.1,0.2,0.4  # quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from measure import rss, run_child
+
+REPO = Path(__file__).resolve().parents[1]
+TEXT = REPO.parent / "shared" / "data" / "shakespeare" / "plays" / "histories--richard-ii.txt"
+STAGES = ("compress", "eval", "merge", "verify")
+
+
+def build(root: Path, size_gb: float) -> tuple[Path, Path]:
+    sys.path.insert(0, str(Path(__file__).parent))
+    from merge import build as build_model  # same model and LoRA as the merge benchmark
+
+    base, lora = build_model(root, size_gb)
+    from calora_cli.models import train_bpe_tokenizer
+
+    # a tokenizer so eval can run (the vocabulary is the model's 32000 ids, trained on the text)
+    tok = train_bpe_tokenizer([TEXT.read_text()], 32000)
+    tok.save_pretrained(base)
+    return base, lora
+
+
+def child(stage: str, base: Path, lora: Path, out: Path) -> None:
+    import torch  # noqa: F401  (counted in the imports baseline for every stage)
+
+    from calora_cli.artifacts import open_artifact, verify
+    from calora_cli.stages.common import RunOptions
+    from calora_cli.stages.compress import CompressSpec, compress_model
+    from calora_cli.stages.evaluate import evaluate
+    from calora_cli.stages.merge import merge
+
+    opts = RunOptions(show_progress=False, allow_base_mismatch=True)
+    imports = rss("VmRSS")
+    t0 = time.perf_counter()
+    if stage == "compress":
+        compress_model(base, out, CompressSpec("magnitude", 0.5), opts)
+    elif stage == "eval":
+        short = out.with_suffix(".txt")
+        short.write_text(TEXT.read_text()[:20000])  # a few thousand tokens: memory, not throughput, is measured
+        evaluate(base, opts, ppl_file=short, seq_len=256)
+    elif stage == "merge":
+        merge(base, [lora], out, opts)
+    else:
+        assert verify(open_artifact(base))["ok"]
+    print(json.dumps({"wall_s": time.perf_counter() - t0, "peak_rss": rss("VmHWM"), "imports_rss": imports}))
+
+
+def slope(xs: list[float], ys: list[float]) -> float:
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+
+
+def main() -> int:
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        child(sys.argv[2], *map(Path, sys.argv[3:6]))
+        return 0
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", default="0.5,1.0,2.2", help="model sizes in GB (fp32)")
+    ap.add_argument("--workdir", type=Path, default=None)
+    args = ap.parse_args()
+    sizes, rows = [float(s) for s in args.sizes.split(",")], []
+    for size in sizes:
+        with tempfile.TemporaryDirectory(prefix="calora-bench-mem-", dir=args.workdir) as tmp:
+            base, lora = build(Path(tmp), size)
+            model_bytes = sum(f.stat().st_size for f in base.glob("*.safetensors"))
+            row = {"model_gb": model_bytes / 1e9}
+            for stage in STAGES:
+                r = run_child(__file__, stage, str(base), str(lora), str(Path(tmp) / f"out-{stage}"))
+                row[stage] = (r["peak_rss"] - r["imports_rss"]) / 1e9
+                row[f"{stage}_wall"] = r["wall_s"]
+            rows.append(row)
+    print("Peak RSS above the imports, GB (wall s), each stage in a fresh process\n")
+    print("| model GB | " + " | ".join(STAGES) + " |")
+    print("|---|" + "---|" * len(STAGES))
+    for row in rows:
+        print(f"| {row['model_gb']:.2f} | " + " | ".join(f"{row[s]:.2f} ({row[s + '_wall']:.0f} s)" for s in STAGES) + " |")
+    xs = [r["model_gb"] for r in rows]
+    print("\nslope of peak memory against model size: " + ", ".join(f"{s} {slope(xs, [r[s] for r in rows]):.2f}" for s in STAGES))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
