@@ -3,7 +3,7 @@
 import sys
 from pathlib import Path
 
-from tables import cell, load, mean_std, pyplot
+from tables import cell, finish_bars, load, mean_std, pyplot
 
 ARMS = [
     ("eval-base", "compressed model, no LoRA"),
@@ -36,13 +36,9 @@ def plot(root: Path, comps: list[str], seeds: list[str], out: Path) -> None:
             stds.append(std)
         ax.bar([i + k * width for i in range(len(comps))], means, width, yerr=stds, label=label)
     ax.axhline(ppl(root / "eval-original.json"), color="black", linestyle="--", label="1. original + original LoRA")
-    ax.set_xticks([i + width * (len(arms) - 1) / 2 for i in range(len(comps))], comps)
-    ax.set_ylabel("held-out perplexity (lower is better)")
     lo = min(b.get_height() for b in ax.patches)
     ax.set_ylim(lo * 0.97, None)
-    ax.legend(fontsize=7, loc="upper left")
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
+    finish_bars(ax, fig, comps, len(arms), width, out)
 
 
 def main(root: str, compressions: str, seeds: str, png: str | None = None) -> None:

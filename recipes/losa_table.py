@@ -3,7 +3,7 @@
 import sys
 from pathlib import Path
 
-from tables import accuracy, cell, load, markdown, mean_std, pyplot
+from tables import accuracy, cell, finish_bars, load, markdown, mean_std, pyplot
 
 # (directory, label, per seed?)
 ARMS = [
@@ -41,12 +41,8 @@ def plot(root: Path, bases: list[str], seeds: list[str], out: Path) -> None:
         ax.bar([i + k * width for i in range(len(bases))], means, width, yerr=stds, label=label)
     ax.axhline(load(root / "eval-dense-lora.json")["perplexity"], color="black", linestyle="--", label="dense + LoRA")
     ax.axhline(load(root / "eval-dense.json")["perplexity"], color="grey", linestyle=":", label="dense, no LoRA")
-    ax.set_xticks([i + width * (len(ARMS) - 1) / 2 for i in range(len(bases))], bases)
-    ax.set_ylabel("held-out perplexity (lower is better)")
     ax.set_yscale("log")
-    ax.legend(fontsize=7, loc="upper left")
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
+    finish_bars(ax, fig, bases, len(ARMS), width, out)
 
 
 def main(root: str, bases: str, seeds: str, png: str | None = None) -> None:

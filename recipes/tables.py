@@ -47,3 +47,12 @@ def pyplot(out: Path):
         print(f"(no plot: pip install matplotlib, or '.[recipes]', to draw {Path(out).name})", file=sys.stderr)
         return None
     return plt
+
+
+def finish_bars(ax, fig, groups: list[str], n_bars: int, width: float, out: Path) -> None:
+    """Label grouped bars (one group per column, n_bars per group) and save the figure."""
+    ax.set_xticks([i + width * (n_bars - 1) / 2 for i in range(len(groups))], groups)
+    ax.set_ylabel("held-out perplexity (lower is better)")
+    ax.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)

@@ -7,17 +7,18 @@ import sys
 from helpers import REPO
 
 
-def test_ca_lora_recipe_smoke(tiny_base, small_text, calib_text, tmp_path):
-    out = tmp_path / "ca"
-    cmd = [
-        "make", "-s", "-C", str(REPO / "recipes"), "ca-lora",
-        f"CALORA={sys.executable} -m calora_cli", f"PY={sys.executable}",
-        f"CA_MODEL={tiny_base}", f"CA={out}", f"CA_DATA={small_text}", f"CA_EVAL={small_text}",
-        f"CA_CALIB={calib_text}", "CA_STEPS=2", "CA_SEEDS=0 1", "CA_SEQ=64", "CA_BS=2",
-        "CA_CALIB_SAMPLES=4", "CA_GROUP=32", "CA_COMPRESSIONS=w24-gptq4",
-    ]
+def make_recipe(target: str, **variables) -> None:
+    """`make -C recipes TARGET VAR=value ...` with this interpreter's calora; fails the test on error."""
+    cmd = ["make", "-s", "-C", str(REPO / "recipes"), target, f"CALORA={sys.executable} -m calora_cli",
+           f"PY={sys.executable}", *(f"{k}={v}" for k, v in variables.items())]
     r = subprocess.run(cmd, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_ca_lora_recipe_smoke(tiny_base, small_text, calib_text, tmp_path):
+    out = tmp_path / "ca"
+    make_recipe("ca-lora", CA_MODEL=tiny_base, CA=out, CA_DATA=small_text, CA_EVAL=small_text, CA_CALIB=calib_text,
+                CA_STEPS=2, CA_SEEDS="0 1", CA_SEQ=64, CA_BS=2, CA_CALIB_SAMPLES=4, CA_GROUP=32, CA_COMPRESSIONS="w24-gptq4")
     table = (out / "results.md").read_text()
     for arm in ("1. original", "2. compressed + original LoRA", "3. compressed + new LoRA", "4. compressed + inherited", "5. CA-LoRA"):
         assert arm in table
@@ -26,15 +27,9 @@ def test_ca_lora_recipe_smoke(tiny_base, small_text, calib_text, tmp_path):
 
 def test_losa_recipe_smoke(tiny_base, small_text, calib_text, tmp_path):
     out = tmp_path / "losa"
-    cmd = [
-        "make", "-s", "-C", str(REPO / "recipes"), "losa",
-        f"CALORA={sys.executable} -m calora_cli", f"PY={sys.executable}",
-        f"LOSA_MODEL={tiny_base}", f"LOSA={out}", f"LOSA_DATA={small_text}", f"LOSA_EVAL={small_text}",
-        f"LOSA_CALIB={calib_text}", "LOSA_STEPS=2", "LOSA_SEEDS=0", "LOSA_SEQ=64", "LOSA_BS=2",
-        "LOSA_CALIB_SAMPLES=4", "LOSA_TASK_LIMIT=5", "LOSA_BASES=w50-rmi",
-    ]
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr[-2000:]
+    make_recipe("losa", LOSA_MODEL=tiny_base, LOSA=out, LOSA_DATA=small_text, LOSA_EVAL=small_text, LOSA_CALIB=calib_text,
+                LOSA_STEPS=2, LOSA_SEEDS=0, LOSA_SEQ=64, LOSA_BS=2, LOSA_CALIB_SAMPLES=4, LOSA_TASK_LIMIT=5,
+                LOSA_BASES="w50-rmi")
     table = (out / "results.md").read_text()
     for arm in ("no LoRA", "merged naively", "masked as-is", "LoSA masked fine-tuning", "error ranks + distillation"):
         assert table.count(arm) == 3  # perplexity, accuracy and sparsity tables
@@ -46,14 +41,8 @@ def test_losa_recipe_smoke(tiny_base, small_text, calib_text, tmp_path):
 
 def test_nola_recipe_smoke(tiny_base, small_text, tmp_path):
     out = tmp_path / "nola"
-    cmd = [
-        "make", "-s", "-C", str(REPO / "recipes"), "nola",
-        f"CALORA={sys.executable} -m calora_cli", f"PY={sys.executable}",
-        f"NOLA_MODEL={tiny_base}", f"NOLA={out}", f"NOLA_DATA={small_text}", f"NOLA_EVAL={small_text}",
-        "NOLA_STEPS=2", "NOLA_SEEDS=0", "NOLA_SEQ=64", "NOLA_BS=2", "NOLA_TASK_LIMIT=5", "NOLA_BUDGETS=16",
-    ]
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr[-2000:]
+    make_recipe("nola", NOLA_MODEL=tiny_base, NOLA=out, NOLA_DATA=small_text, NOLA_EVAL=small_text, NOLA_STEPS=2,
+                NOLA_SEEDS=0, NOLA_SEQ=64, NOLA_BS=2, NOLA_TASK_LIMIT=5, NOLA_BUDGETS=16)
     table = (out / "results.md").read_text()
     for arm in ("LoRA rank 8", "LoRA rank 1", "NOLA trained, k = l = 16", "LoRA r8 -> NOLA, k = l = 16"):
         assert arm in table

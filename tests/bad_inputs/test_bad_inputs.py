@@ -113,24 +113,24 @@ def _(t, base, lora, pruned):
     return ["merge", base, "--adapter", a, "-o", t / "out"]
 
 
+def pickled(t: Path, config: Path, weights: str) -> Path:
+    """A directory with `config` and a booby-trapped pickle named `weights`."""
+    d = t / weights.split("_")[0]
+    d.mkdir()
+    shutil.copy(config, d / config.name)
+    Evil.marker = t / "UNPICKLED"
+    (d / weights).write_bytes(pickle.dumps(Evil()))
+    return d
+
+
 @case("pickle-weights", "pickle")
 def _(t, base, lora, pruned):
-    m = t / "m"
-    m.mkdir()
-    shutil.copy(base / "config.json", m / "config.json")
-    Evil.marker = t / "UNPICKLED"
-    (m / "pytorch_model.bin").write_bytes(pickle.dumps(Evil()))
-    return ["eval", m, *EVAL]
+    return ["eval", pickled(t, base / "config.json", "pytorch_model.bin"), *EVAL]
 
 
 @case("pickle-adapter", "pickle")
 def _(t, base, lora, pruned):
-    a = t / "a"
-    a.mkdir()
-    shutil.copy(lora / "adapter_config.json", a / "adapter_config.json")
-    Evil.marker = t / "UNPICKLED"
-    (a / "adapter_model.bin").write_bytes(pickle.dumps(Evil()))
-    return ["merge", base, "--adapter", a, "-o", t / "out"]
+    return ["merge", base, "--adapter", pickled(t, lora / "adapter_config.json", "adapter_model.bin"), "-o", t / "out"]
 
 
 # --- manifests and artifacts -------------------------------------------------------------------
