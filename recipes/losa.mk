@@ -3,7 +3,7 @@
 # Arms per base: no LoRA; the LoRA merged naively (zeros refilled); masked as-is (sparsify-adapter
 # without training); LoSA masked fine-tuning; LoSA with error-allocated ranks and distillation from
 # the dense model + LoRA. Perplexity on a held-out history (Richard II) plus the next-line multiple-choice task.
-#   make -C recipes losa                                    # full settings (~1 hour on 2 CPU cores)
+#   make -C recipes losa                                    # full settings (~40 min on 2 CPU cores)
 #   make -C recipes losa LOSA_STEPS=2 LOSA_SEEDS=0 ...      # smoke run (tests)
 LOSA_MODEL ?= $(MODEL_DIR)
 LOSA      ?= $(OUT)/losa
@@ -12,9 +12,13 @@ LOSA_EVAL ?= $(SHK)/plays/histories--richard-ii.txt
 LOSA_CALIB ?= $(SHK)/train.txt
 LOSA_TASKS ?= $(SHK)/tasks/next-line-valid.jsonl
 LOSA_TASK_LIMIT ?= 300
-LOSA_STEPS ?= 80
+# the existing LoRA (trained on the dense model), the LoSA fine-tuning budget, and evaluation
+LOSA_LORA_STEPS ?= 80
+LOSA_LORA_SEQ ?= 256
+LOSA_STEPS ?= 40
+LOSA_SEQ  ?= 128
+LOSA_EVAL_SEQ ?= 256
 LOSA_SEEDS ?= 0 1 2
-LOSA_SEQ  ?= 256
 LOSA_BS   ?= 8
 LOSA_LR   ?= 2e-3
 LOSA_CALIB_SAMPLES ?= 32
@@ -24,11 +28,12 @@ losa_sparsity = 0.$(patsubst w%,%,$(word 1,$(subst -, ,$(1))))
 losa_alloc    = $(word 2,$(subst -, ,$(1)))
 
 LOSA_TRAIN = --steps $(LOSA_STEPS) --lr $(LOSA_LR) --batch-size $(LOSA_BS) --seq-len $(LOSA_SEQ) -q --force
-LOSA_EVALARGS = --ppl $(LOSA_EVAL) $(foreach t,$(LOSA_TASKS),--tasks $(t)) --limit $(LOSA_TASK_LIMIT) --seq-len $(LOSA_SEQ) -q --force
+LOSA_EVALARGS = --ppl $(LOSA_EVAL) $(foreach t,$(LOSA_TASKS),--tasks $(t)) --limit $(LOSA_TASK_LIMIT) --seq-len $(LOSA_EVAL_SEQ) -q --force
 
 # the LoRA trained on the dense model, and the dense references
 $(LOSA)/lora/calora.json: $(LOSA_MODEL)/config.json
-	$(CALORA) train $(LOSA_MODEL) --data $(LOSA_DATA) -o $(LOSA)/lora $(LOSA_TRAIN) --seed 0
+	$(CALORA) train $(LOSA_MODEL) --data $(LOSA_DATA) -o $(LOSA)/lora --steps $(LOSA_LORA_STEPS) --lr $(LOSA_LR) \
+	    --batch-size $(LOSA_BS) --seq-len $(LOSA_LORA_SEQ) -q --force --seed 0
 $(LOSA)/eval-dense.json: $(LOSA_MODEL)/config.json
 	$(CALORA) eval $(LOSA_MODEL) $(LOSA_EVALARGS) -o $@
 $(LOSA)/eval-dense-lora.json: $(LOSA)/lora/calora.json

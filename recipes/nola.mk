@@ -2,7 +2,7 @@
 # coefficient budgets (k = l bases per factor); and the rank-8 LoRA compressed into NOLA at the same
 # budgets (weight fit, then distillation). Perplexity on a held-out history (Richard II) and the
 # next-line task, against parameters and bytes on disk; several seeds.
-#   make -C recipes nola                                  # full settings (~1 hour on 2 CPU cores)
+#   make -C recipes nola                                  # full settings (~40 min on 2 CPU cores)
 #   make -C recipes nola NOLA_STEPS=2 NOLA_SEEDS=0 ...    # smoke run (tests)
 NOLA_MODEL ?= $(MODEL_DIR)
 NOLA      ?= $(OUT)/nola
@@ -10,16 +10,17 @@ NOLA_DATA ?= $(SHK)/train-histories.txt
 NOLA_EVAL ?= $(SHK)/plays/histories--richard-ii.txt
 NOLA_TASKS ?= $(SHK)/tasks/next-line-valid.jsonl
 NOLA_TASK_LIMIT ?= 300
-NOLA_STEPS ?= 80
+NOLA_STEPS ?= 40
 NOLA_SEEDS ?= 0 1 2
 NOLA_BUDGETS ?= 32 128 512
-NOLA_SEQ  ?= 256
+NOLA_SEQ  ?= 128
+NOLA_EVAL_SEQ ?= 256
 NOLA_BS   ?= 8
 NOLA_LORA_LR ?= 2e-3
 NOLA_LR   ?= 1e-2
 
 NOLA_COMMON = --steps $(NOLA_STEPS) --batch-size $(NOLA_BS) --seq-len $(NOLA_SEQ) -q --force
-NOLA_EVALARGS = --ppl $(NOLA_EVAL) $(foreach t,$(NOLA_TASKS),--tasks $(t)) --limit $(NOLA_TASK_LIMIT) --seq-len $(NOLA_SEQ) -q --force
+NOLA_EVALARGS = --ppl $(NOLA_EVAL) $(foreach t,$(NOLA_TASKS),--tasks $(t)) --limit $(NOLA_TASK_LIMIT) --seq-len $(NOLA_EVAL_SEQ) -q --force
 
 $(NOLA)/eval-base.json: $(NOLA_MODEL)/config.json
 	$(CALORA) eval $(NOLA_MODEL) $(NOLA_EVALARGS) -o $@

@@ -28,7 +28,8 @@ def test_ca_lora_recipe_smoke(tiny_base, small_text, calib_text, tmp_path):
 def test_losa_recipe_smoke(tiny_base, small_text, calib_text, tmp_path):
     out = tmp_path / "losa"
     make_recipe("losa", LOSA_MODEL=tiny_base, LOSA=out, LOSA_DATA=small_text, LOSA_EVAL=small_text, LOSA_CALIB=calib_text,
-                LOSA_STEPS=2, LOSA_SEEDS=0, LOSA_SEQ=64, LOSA_BS=2, LOSA_CALIB_SAMPLES=4, LOSA_TASK_LIMIT=5,
+                LOSA_STEPS=2, LOSA_LORA_STEPS=2, LOSA_SEEDS=0, LOSA_SEQ=64, LOSA_LORA_SEQ=64, LOSA_EVAL_SEQ=64, LOSA_BS=2,
+                LOSA_CALIB_SAMPLES=4, LOSA_TASK_LIMIT=5,
                 LOSA_BASES="w50-rmi")
     table = (out / "results.md").read_text()
     for arm in ("no LoRA", "merged naively", "masked as-is", "LoSA masked fine-tuning", "error ranks + distillation"):
@@ -42,7 +43,7 @@ def test_losa_recipe_smoke(tiny_base, small_text, calib_text, tmp_path):
 def test_nola_recipe_smoke(tiny_base, small_text, tmp_path):
     out = tmp_path / "nola"
     make_recipe("nola", NOLA_MODEL=tiny_base, NOLA=out, NOLA_DATA=small_text, NOLA_EVAL=small_text, NOLA_STEPS=2,
-                NOLA_SEEDS=0, NOLA_SEQ=64, NOLA_BS=2, NOLA_TASK_LIMIT=5, NOLA_BUDGETS=16)
+                NOLA_SEEDS=0, NOLA_SEQ=64, NOLA_EVAL_SEQ=64, NOLA_BS=2, NOLA_TASK_LIMIT=5, NOLA_BUDGETS=16)
     table = (out / "results.md").read_text()
     for arm in ("LoRA rank 8", "LoRA rank 1", "NOLA trained, k = l = 16", "LoRA r8 -> NOLA, k = l = 16"):
         assert arm in table
