@@ -29,7 +29,9 @@ def build(root: Path, size_gb: float) -> tuple[Path, Path]:
     sys.path.insert(0, str(Path(__file__).parent))
     from merge import build as build_model  # same model and LoRA as the merge benchmark
 
-    base, lora = build_model(root, size_gb)
+    # a narrower model than the merge benchmark's, so every size is several layers deep and the
+    # embedding (fixed) is a small part: the sizes differ by depth alone
+    base, lora = build_model(root, size_gb, hidden=1024)
     from calora_cli.models import train_bpe_tokenizer
 
     # a tokenizer so eval can run (the vocabulary is the model's 32000 ids, trained on the text)

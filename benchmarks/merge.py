@@ -27,12 +27,12 @@ from measure import rss, run_child
 SHARD = "300MB"
 
 
-def build(root: Path, size_gb: float) -> tuple[Path, Path]:
+def build(root: Path, size_gb: float, hidden: int = 2048) -> tuple[Path, Path]:
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    hidden, inter, vocab = 2048, 5632, 32000
+    inter, vocab = hidden * 11 // 4, 32000
     per_layer = 4 * hidden * hidden + 3 * hidden * inter
     layers = max(1, round((size_gb * 1e9 / 4 - vocab * hidden) / per_layer))
     cfg = LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=16,

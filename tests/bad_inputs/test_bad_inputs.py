@@ -344,3 +344,16 @@ def test_bad_input(cli, tiny_base, other_base, tiny_lora, pruned, tmp_path, name
 
 def test_bad_input_suite_covers_enough_cases():
     assert len(CASES) >= 30
+
+
+def test_remote_code_in_a_model_is_never_run(cli, tiny_base, tmp_path):
+    """A config naming custom code (auto_map) next to a Python file: calora never passes
+    trust_remote_code, so the file is not imported, whatever the outcome of the load."""
+    m = copy(tiny_base, tmp_path / "m")
+    marker = tmp_path / "REMOTE_CODE_RAN"
+    (m / "modeling_evil.py").write_text(f"import pathlib\npathlib.Path({str(marker)!r}).touch()\n")
+    cfg = json.loads((m / "config.json").read_text())
+    cfg["auto_map"] = {"AutoModelForCausalLM": "modeling_evil.EvilForCausalLM", "AutoConfig": "modeling_evil.EvilConfig"}
+    (m / "config.json").write_text(json.dumps(cfg))
+    cli("eval", m, *EVAL)
+    assert not marker.exists()
