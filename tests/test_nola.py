@@ -258,3 +258,22 @@ def test_nola_adapters_inherit_and_sparsify_as_their_expanded_lora(cli, tiny_bas
     line = one_line_error(cli("recover", tmp_path / "n", "--base", pruned, "--teacher", tiny_base, "--teacher-adapter",
                               tmp_path / "n", "--data", small_text, "-o", tmp_path / "r"))
     assert "is a NOLA adapter" in line and not (tmp_path / "r").exists()
+
+
+def test_evaluation_reuses_the_factors_until_a_coefficient_changes(monkeypatch):
+    layer = nola.NolaLinear(torch.nn.Linear(16, 12), rank=2, k=8, l=8, alpha=4.0,
+                            seeds=nola.seeds_for(0, "model.layers.0.self_attn.q_proj", 2, 16, 12, 8, 8, True))
+    x = torch.randn(3, 16, generator=torch.Generator().manual_seed(0))
+    calls = []
+    real = nola.combine
+    monkeypatch.setattr(nola, "combine", lambda *a: calls.append(1) or real(*a))
+    with torch.no_grad():
+        layer(x)
+        layer(x)
+        assert len(calls) == 2  # A and B once, then reused
+        layer.beta_coef.data.fill_(0.5)  # a write that bumps no version counter
+        y = layer(x)
+    assert len(calls) == 4
+    torch.testing.assert_close(y, layer.base(x) + layer.scale * (x @ layer.factors()[0].T) @ layer.factors()[1].T)
+    layer(x).sum().backward()  # with gradients: rebuilt every call, and coefficients get gradients
+    assert layer.beta_coef.grad is not None and len(calls) >= 6

@@ -111,6 +111,18 @@ class NolaLinear(nn.Module):
         self.register_buffer("A0", offset(seeds["A0"], (rank, self.in_features)), persistent=False)
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """A and B. Without gradients (evaluation) they are kept until a coefficient changes, so
+        the bases are not drawn again for every batch; in training they are rebuilt every step."""
+        if torch.is_grad_enabled():
+            self._cached = None
+            return self._combine()
+        # keyed on the coefficients' values (k + l numbers): writes through .data bump no version counter
+        cached = getattr(self, "_cached", None)
+        if cached is None or not (torch.equal(cached[0], self.alpha_coef) and torch.equal(cached[1], self.beta_coef)):
+            cached = self._cached = (self.alpha_coef.detach().clone(), self.beta_coef.detach().clone(), self._combine())
+        return cached[2]
+
+    def _combine(self) -> tuple[torch.Tensor, torch.Tensor]:
         A = self.A0 + combine(self.alpha_coef, self.seeds["A"], (self.rank, self.in_features))
         B = combine(self.beta_coef, self.seeds["B"], (self.out_features, self.rank))
         return A, B
