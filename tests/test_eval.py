@@ -120,4 +120,4 @@ def test_eval_bad_inputs(cli, tiny_base, tiny_lora, tmp_path):
     bad = tmp_path / "t.jsonl"
     bad.write_text('{"context": "a", "choices": ["x", "y"], "label": 5}\n')
     assert "'label' must index into 'choices'" in one_line_error(cli("eval", tiny_base, "--tasks", bad))
-    assert "is a adapter, expected a model" in one_line_error(cli("eval", tiny_lora, "--tasks", bad))
+    assert "is an adapter, expected a model" in one_line_error(cli("eval", tiny_lora, "--tasks", bad))
