@@ -5,6 +5,11 @@ the same model and data and draws the same global batches; each takes its 1/N sl
 DDP averages the gradients, and only rank 0 writes artifacts and prints. With equal tokens per
 row (packed text), the average of the slices' mean losses is the global batch's mean loss, so N
 processes train the same adapter as one (tested with 2 gloo processes on CPU).
+
+With CALORA_DISTRIBUTED=fsdp (or accelerate's FSDP launch, ACCELERATE_USE_FSDP=true) the model
+is sharded instead of replicated (torch FSDP2, `fully_shard` per decoder layer and at the root), for
+models whose full copy does not fit one device: each process holds 1/N of the weights, gathered one
+layer at a time for the forward and backward. Saved tensors are gathered whole first (`full`).
 """
 
 from __future__ import annotations
@@ -27,6 +32,22 @@ def is_writer() -> bool:
     return rank() == 0
 
 
+def strategy() -> str:
+    """'fsdp' or 'ddp' (the default): how a multi-process run spreads the model."""
+    chosen = os.environ.get("CALORA_DISTRIBUTED", "").strip().lower()
+    if not chosen and os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):
+        chosen = "fsdp"
+    chosen = chosen or "ddp"
+    if chosen not in ("ddp", "fsdp"):
+        raise CaloraError(f"CALORA_DISTRIBUTED must be ddp or fsdp, got {chosen!r}")
+    return chosen
+
+
+def sharded() -> bool:
+    """Whether this run shards models over processes (FSDP)."""
+    return world_size() > 1 and strategy() == "fsdp"
+
+
 def setup(device) -> None:
     """Join the process group the launcher describes (gloo on CPU, nccl on CUDA); idempotent."""
     import torch.distributed as dist
@@ -38,13 +59,59 @@ def setup(device) -> None:
 
 
 def wrap(model, device):
-    """The model as DDP sees it when running distributed, else itself."""
+    """The model as DDP sees it when running distributed, else itself (sharded in place under FSDP)."""
     if world_size() == 1:
         return model
+    setup(device)
+    if sharded():
+        return shard_model(model, device)
     from torch.nn.parallel import DistributedDataParallel
 
-    setup(device)
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def shard_model(model, device):
+    """Shard `model` over the processes in place (FSDP2): one group per decoder layer, the rest at
+    the root, so at most one layer's full weights are gathered at a time. A no-op unless sharded()."""
+    if not sharded():
+        return model
+    from torch.distributed.fsdp import fully_shard
+
+    from calora_cli.compress.sequential import decoder_layers
+
+    setup(device)
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # a peft model wraps the HF one
+    for layer in decoder_layers(inner):
+        fully_shard(layer)
+    fully_shard(model)
+    return model
+
+
+def full(tensor):
+    """A parameter's whole value: gathered from every process when FSDP shards it (every process
+    must call this, in the same order), else the tensor itself."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def place_like(value, param):
+    """`value` (a whole tensor, the same on every process) as `param` holds it: this process's
+    shard under FSDP, else `value` unchanged."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if isinstance(param, DTensor) and not isinstance(value, DTensor) and value.shape == param.shape:
+        return distribute_tensor(value.to(param.dtype), param.device_mesh, param.placements)
+    return value
+
+
+def adapter_state(model) -> dict | None:
+    """The trainable (adapter) tensors of a peft model, whole, for save_pretrained(state_dict=...)
+    under FSDP; None otherwise (peft then reads them itself)."""
+    if not sharded():
+        return None
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    return {k: full(v).detach().contiguous() for k, v in model.state_dict().items() if k in names}
 
 
 def shard(batch: dict, batch_size: int) -> dict:

@@ -84,11 +84,16 @@ class Checkpoints:
         import torch
         from safetensors.torch import save_file
 
+        from calora_cli import distributed
+
+        # every process gathers (FSDP shards are collected whole), only the writer writes
         sd = opt.state_dict()
-        tensors = {f"param.{i}": p.detach().contiguous() for i, p in enumerate(params)}
+        tensors = {f"param.{i}": distributed.full(p).detach().contiguous() for i, p in enumerate(params)}
         for idx, st in sd["state"].items():
             for k, v in st.items():
-                tensors[f"opt.{idx}.{k}"] = v.detach().contiguous() if hasattr(v, "detach") else torch.tensor(v)
+                tensors[f"opt.{idx}.{k}"] = distributed.full(v).detach().contiguous() if hasattr(v, "detach") else torch.tensor(v)
+        if not distributed.is_writer():
+            return
         meta = {"step": step, "run": self.run, "param_groups": sd["param_groups"], "sched": sched.state_dict(), "losses": losses}
         self.directory.mkdir(parents=True, exist_ok=True)
         tmp = self.directory / (self.FILE + ".tmp")
@@ -106,13 +111,15 @@ class Checkpoints:
             if meta["run"] != self.run:
                 raise CaloraError(f"checkpoint in {self.directory} is from a run with other settings; rerun without --resume")
             tensors = {k: f.get_tensor(k) for k in f.keys()}
+        from calora_cli import distributed
+
         for i, p in enumerate(params):
-            p.data.copy_(tensors[f"param.{i}"])
+            p.data.copy_(distributed.place_like(tensors[f"param.{i}"], p))
         state: dict = {}
         for k, v in tensors.items():
             if k.startswith("opt."):
                 _, idx, name = k.split(".", 2)
-                state.setdefault(int(idx), {})[name] = v
+                state.setdefault(int(idx), {})[name] = distributed.place_like(v, params[int(idx)])
         opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
         sched.load_state_dict(meta["sched"])
         return meta["step"], meta["losses"]
@@ -143,7 +150,12 @@ def train_loop(
     if not params:
         raise CaloraError("nothing to train: no trainable parameters")
     device = params[0].device
+    wanted = {id(p) for p in params}
+    names = [n for n, p in model.named_parameters() if id(p) in wanted]
     forward = distributed.wrap(model, device)  # DDP under torchrun/accelerate: gradients averaged over processes
+    if distributed.sharded():  # FSDP replaced the parameters by sharded ones: train those
+        by_name = dict(model.named_parameters())
+        params = [by_name[n] for n in names]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
     start, losses = (checkpoints.load(params, opt, sched) if checkpoints and resume else (0, []))
@@ -169,8 +181,11 @@ def train_loop(
         losses.append(distributed.mean(loss.item(), device))
         if on_step is not None:
             on_step(1, **logs)
-        if checkpoints is not None and (step + 1) % checkpoints.every == 0 and step + 1 < cfg.steps and distributed.is_writer():
+        if checkpoints is not None and (step + 1) % checkpoints.every == 0 and step + 1 < cfg.steps:
             checkpoints.save(step + 1, params, opt, sched, losses)
     model.eval()
     tail = losses[-max(1, min(10, len(losses) // 5)) :]
-    return {"first_loss": losses[0], "final_loss": sum(tail) / len(tail), "steps": len(losses)}
+    metrics = {"first_loss": losses[0], "final_loss": sum(tail) / len(tail), "steps": len(losses)}
+    if distributed.world_size() > 1:
+        metrics["distributed"] = {"processes": distributed.world_size(), "strategy": distributed.strategy()}
+    return metrics

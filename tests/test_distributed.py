@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,8 +15,9 @@ TEXT = SHK / "plays" / "histories--richard-ii.txt"
 SMALL = ["--steps", "4", "--batch-size", "4", "--seq-len", "32", "--lr", "3e-3", "--json"]
 
 
-def run(args, processes: int):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GPTQMODEL_DISABLE_PACK_EXT": "1", "OMP_NUM_THREADS": "1"}
+def run(args, processes: int, strategy: str = "ddp"):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GPTQMODEL_DISABLE_PACK_EXT": "1", "OMP_NUM_THREADS": "1",
+           "CALORA_DISTRIBUTED": strategy}
     launcher = [sys.executable, "-m", "calora_cli"] if processes == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}", "-m", "calora_cli"]
     r = subprocess.run([*launcher, *map(str, args)], capture_output=True, text=True, env=env)
@@ -35,8 +37,10 @@ def pruned(tiny_base, tmp_path_factory):
     return out
 
 
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 @pytest.mark.parametrize("stage", ["train", "recover", "sparsify-adapter"])
-def test_two_processes_train_the_same_adapter_as_one(tiny_base, tiny_lora, pruned, tmp_path, stage):
+def test_two_processes_train_the_same_adapter_as_one(tiny_base, tiny_lora, pruned, tmp_path, stage, strategy):
+    """DDP replicates the model, FSDP shards it (and the teacher): both must train what one process does."""
     argv = {
         "train": ["train", tiny_base, "--data", TEXT],
         "recover": ["recover", tiny_lora, "--base", pruned, "--teacher", tiny_base, "--teacher-adapter", tiny_lora,
@@ -44,7 +48,8 @@ def test_two_processes_train_the_same_adapter_as_one(tiny_base, tiny_lora, prune
         "sparsify-adapter": ["sparsify-adapter", tiny_lora, "--base", pruned, "--data", TEXT],
     }[stage]
     one = run([*argv, *SMALL, "-o", tmp_path / "one"], 1)
-    two = run([*argv, *SMALL, "-o", tmp_path / "two"], 2)
+    two = run([*argv, *SMALL, "-o", tmp_path / "two"], 2, strategy)
+    assert two["distributed"] == {"processes": 2, "strategy": strategy} and "distributed" not in one
     assert two["first_loss"] == pytest.approx(one["first_loss"], abs=1e-5)
     files = sorted(p.name for p in (tmp_path / "one").glob("*.safetensors"))
     assert files == sorted(p.name for p in (tmp_path / "two").glob("*.safetensors")) and files
@@ -67,3 +72,43 @@ def test_batch_must_split_evenly_over_processes(tiny_base, tmp_path):
                         "--seq-len", "32", "-o", str(tmp_path / "o")], capture_output=True, text=True, env=env)
     assert r.returncode != 0 and "--batch-size 3 must be divisible by the 2 processes" in r.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_resumed_sharded_run_equals_uninterrupted_single_process(tiny_base, tiny_lora, pruned, tmp_path):
+    """FSDP checkpoints gather the shards whole and resume scatters them back: a 2-process run cut
+    after 5 steps and resumed trains what one uninterrupted process does."""
+    from calora_cli.stages.common import RunOptions
+    from calora_cli.stages.recover import RecoverSpec, recover
+    from calora_cli.train import TrainConfig
+
+    recover(tiny_lora, pruned, tiny_base, tiny_lora, TEXT, tmp_path / "one",
+            TrainConfig(steps=6, lr=3e-3, batch_size=4, seq_len=32, seed=1), RecoverSpec(checkpoint_every=2),
+            RunOptions(show_progress=False))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "CALORA_DISTRIBUTED": "fsdp"}
+    script = Path(__file__).parent / "distributed_resume.py"
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(script),
+                        *map(str, (tiny_lora, pruned, tiny_base, tiny_lora, TEXT, tmp_path / "two"))],
+                       capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for name in ("adapter_model.safetensors", "recovery.safetensors"):
+        a, b = load_file(tmp_path / "one" / name), load_file(tmp_path / "two" / name)
+        assert a.keys() == b.keys()
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-5)
+    assert not (tmp_path / "two.ckpt").exists()
+
+
+def test_strategy_comes_from_the_environment(monkeypatch):
+    from calora_cli import distributed
+    from calora_cli.errors import CaloraError
+
+    monkeypatch.delenv("CALORA_DISTRIBUTED", raising=False)
+    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
+    assert distributed.strategy() == "ddp"
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # accelerate launch with an FSDP config
+    assert distributed.strategy() == "fsdp"
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert not distributed.sharded()  # one process: nothing to shard
+    monkeypatch.setenv("CALORA_DISTRIBUTED", "zero3")
+    with pytest.raises(CaloraError, match="CALORA_DISTRIBUTED must be ddp or fsdp, got 'zero3'"):
+        distributed.strategy()

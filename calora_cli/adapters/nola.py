@@ -23,6 +23,7 @@ import math
 import torch
 from torch import nn
 
+from calora_cli.distributed import full
 from calora_cli.errors import CaloraError
 
 GENERATOR_VERSION = 1
@@ -176,7 +177,7 @@ def coefficients(layers: dict[str, NolaLinear], bits: int = 32) -> dict[str, tor
     out = {}
     for path, layer in layers.items():
         for name, p in (("nola_alpha", layer.alpha_coef), ("nola_beta", layer.beta_coef)):
-            q, scale = quantize_coefficients(p.detach(), bits)
+            q, scale = quantize_coefficients(full(p).detach(), bits)
             out[f"{path}.{name}"] = q
             if scale is not None:
                 out[f"{path}.{name}.scale"] = scale

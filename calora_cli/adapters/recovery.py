@@ -60,7 +60,9 @@ def attach(model, rank: int, alpha: float, seed: int | None = None) -> nn.Module
 
 
 def state(modules: nn.ModuleDict) -> dict[str, "torch.Tensor"]:
-    return {f"{k.replace('__', '.')}.{p}": v.detach().contiguous() for k, m in modules.items() for p, v in
+    from calora_cli.distributed import full
+
+    return {f"{k.replace('__', '.')}.{p}": full(v).detach().contiguous() for k, m in modules.items() for p, v in
             (("D", m.D.weight), ("U", m.U.weight))}
 
 

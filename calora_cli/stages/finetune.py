@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from calora_cli import distributed
 from calora_cli.artifacts import atomic_output, check_output, data_input, open_artifact, write_manifest
 from calora_cli.data import batches, load_examples
 from calora_cli.errors import CaloraError
@@ -64,7 +65,7 @@ def train_lora(
 
     params = {"kind": "lora", "rank": rank, "alpha": alpha, "targets": sorted(targets), **cfg.as_params()}
     with atomic_output(out, opts.force) as tmp:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, state_dict=distributed.adapter_state(model))
         write_manifest(
             tmp,
             kind="adapter",

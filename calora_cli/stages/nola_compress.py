@@ -143,10 +143,13 @@ def compress_lora(adapter: Path, out: Path, data: Path, cfg: TrainConfig, spec: 
     from calora_cli.adapters import nola
     from calora_cli.data import batches, load_examples
     from calora_cli.models import load_model, load_tokenizer
+    from calora_cli.distributed import sharded
     from calora_cli.stages.finetune import save_nola
 
     check_output(out, opts.force)
     spec.check()
+    if sharded():  # its report expands and compares layers outside the forward, where FSDP holds only shards
+        raise CaloraError("compress --method nola runs under DDP only, not CALORA_DISTRIBUTED=fsdp")
     if spec.steps:
         cfg.check()
     ad, base_art, factors = _source(adapter, base, opts)

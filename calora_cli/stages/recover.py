@@ -14,6 +14,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from calora_cli import distributed
 from calora_cli.artifacts import atomic_output, check_output, data_input, open_artifact, write_manifest
 from calora_cli.errors import CaloraError
 from calora_cli.progress import progress
@@ -152,6 +153,7 @@ def recover(adapter: Path, base: Path, teacher: Path, teacher_adapter: Path, dat
     seed_everything(cfg.seed)
     teacher_model = attach_adapter(load_model(t_art.path, opts.device, opts.dtype), ta)
     teacher_model.requires_grad_(False).eval()
+    distributed.shard_model(teacher_model, teacher_model.device)  # under FSDP the teacher is sharded too
     student = attach_adapter(load_model(base_art.path, opts.device, opts.dtype), ad, trainable=True)
     lora_cfg = student.peft_config["default"]
     rank = spec.recovery_dim if spec.recovery_dim is not None else lora_cfg.r
@@ -186,7 +188,7 @@ def recover(adapter: Path, base: Path, teacher: Path, teacher_adapter: Path, dat
     inputs = {"adapter": ad.input_record(), "base": base_art.input_record(), "teacher": t_art.input_record(),
               "teacher_adapter": ta.input_record(), "data": data_input(data)}
     with atomic_output(out, opts.force) as tmp:
-        student.save_pretrained(tmp)
+        student.save_pretrained(tmp, state_dict=distributed.adapter_state(student))
         (tmp / "README.md").unlink(missing_ok=True)
         extra = {}
         if modules is not None:

@@ -7,6 +7,7 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from calora_cli import distributed
 from calora_cli.artifacts import atomic_output, check_output, data_input, open_artifact, write_manifest
 from calora_cli.errors import CaloraError
 from calora_cli.progress import progress
@@ -107,7 +108,7 @@ def sparsify_adapter(adapter: Path, base: Path, out: Path, opts: RunOptions, dat
                        base_fingerprint=base_art.fingerprint,
                        extra_files={MASKS_FILE: "LoSA masks: base weight != 0 per adapted module, packed bits (np.packbits)"})
     return {"output": str(out), "mean_removed_energy": metrics["mean_removed_energy"], "base_sparsity": metrics["base_sparsity"],
-            **{k: v for k, v in metrics.items() if k in ("first_loss", "final_loss", "block_ranks")}}
+            **{k: v for k, v in metrics.items() if k in ("first_loss", "final_loss", "block_ranks", "distributed")}}
 
 
 def _teacher(losa: LosaSpec, base_art, opts: RunOptions):
@@ -181,11 +182,12 @@ def _train_masked(base_art, ad_art, data: Path, cfg: TrainConfig, losa: LosaSpec
     if teacher is not None:
         teacher_model = attach_adapter(load_model(teacher.path, opts.device, opts.dtype), ad_art)
         teacher_model.requires_grad_(False).eval()
+        distributed.shard_model(teacher_model, teacher_model.device)  # under FSDP the teacher is sharded too
         loss_fn = make_loss(teacher_model, losa.distill)
     with progress("losa", cfg.steps, opts.show_progress) as advance:
         metrics.update(train_loop(model, model.parameters(), batches(examples, cfg.batch_size, cfg.seed), cfg,
                                   loss_fn=loss_fn, on_step=advance))
-    model.save_pretrained(tmp)
+    model.save_pretrained(tmp, state_dict=distributed.adapter_state(model))
     (tmp / "README.md").unlink(missing_ok=True)
     shutil.rmtree(tmp / ".resized", ignore_errors=True)
     return metrics
