@@ -9,7 +9,9 @@ processes train the same adapter as one (tested with 2 gloo processes on CPU).
 With CALORA_DISTRIBUTED=fsdp (or accelerate's FSDP launch, ACCELERATE_USE_FSDP=true) the model
 is sharded instead of replicated (torch FSDP2, `fully_shard` per decoder layer and at the root), for
 models whose full copy does not fit one device: each process holds 1/N of the weights, gathered one
-layer at a time for the forward and backward. Saved tensors are gathered whole first (`full`).
+layer at a time for the forward and backward. Such models are never loaded whole: each process
+builds a skeleton, shards it and reads only its own rows of each tensor (models.skeleton). Saved
+tensors are gathered whole first (`full`).
 """
 
 from __future__ import annotations
@@ -75,16 +77,25 @@ def shard_model(model, device):
     the root, so at most one layer's full weights are gathered at a time. A no-op unless sharded()."""
     if not sharded():
         return model
+    from calora_cli.models import materialize, pending
+
+    setup(device)
+    if pending(model):  # a skeleton (load_model(shardable=True)): sharded first, then each process reads its slices
+        materialize(model, _fully_shard)
+    else:
+        _fully_shard(model)
+    return model
+
+
+def _fully_shard(model) -> None:
     from torch.distributed.fsdp import fully_shard
 
     from calora_cli.compress.sequential import decoder_layers
 
-    setup(device)
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # a peft model wraps the HF one
     for layer in decoder_layers(inner):
         fully_shard(layer)
     fully_shard(model)
-    return model
 
 
 def full(tensor):

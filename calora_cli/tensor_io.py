@@ -96,6 +96,29 @@ class ShardReader:
             return torch.empty(info["shape"], dtype=dtype)
         return torch.frombuffer(buf, dtype=dtype).reshape(info["shape"])
 
+    def get_rows(self, name: str, lo: int, hi: int) -> "torch.Tensor":
+        """Rows lo:hi (first dimension) of a tensor, reading only their bytes: a process loading
+        its shard of a model reads its slice of each tensor, never the whole."""
+        import torch
+
+        info = self.header[name]
+        dtype = _torch_dtypes().get(info["dtype"])
+        if dtype is None:
+            raise CaloraError(f"{self.path}: tensor {name} has dtype {info['dtype']}, which calora does not read")
+        shape = info["shape"]
+        start, size = self._span(name)
+        row = dtype.itemsize * math.prod(shape[1:])
+        if row * shape[0] != size:
+            raise CaloraError(f"corrupt safetensors file {self.path}: tensor {name} holds {size} bytes, its shape needs {row * shape[0]}")
+        want = (hi - lo) * row
+        if want == 0:
+            return torch.empty([hi - lo, *shape[1:]], dtype=dtype)
+        buf = bytearray(want)
+        self.file.seek(start + lo * row)
+        if self.file.readinto(buf) != want:
+            raise CaloraError(f"corrupt safetensors file {self.path}: tensor {name} is cut short")
+        return torch.frombuffer(buf, dtype=dtype).reshape([hi - lo, *shape[1:]])
+
     def raw(self, name: str) -> Iterator[bytes]:
         """The tensor's bytes, in chunks, for copying it unchanged."""
         start, size = self._span(name)

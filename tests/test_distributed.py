@@ -49,7 +49,10 @@ def test_two_processes_train_the_same_adapter_as_one(tiny_base, tiny_lora, prune
     }[stage]
     one = run([*argv, *SMALL, "-o", tmp_path / "one"], 1)
     two = run([*argv, *SMALL, "-o", tmp_path / "two"], 2, strategy)
-    assert two["distributed"] == {"processes": 2, "strategy": strategy} and "distributed" not in one
+    assert "distributed" not in one
+    if strategy == "fsdp":  # loaded straight into shards: each process read about half of the base's bytes
+        assert 0.45 < two["distributed"].pop("weights_read") < 0.55
+    assert two["distributed"] == {"processes": 2, "strategy": strategy}
     assert two["first_loss"] == pytest.approx(one["first_loss"], abs=1e-5)
     files = sorted(p.name for p in (tmp_path / "one").glob("*.safetensors"))
     assert files == sorted(p.name for p in (tmp_path / "two").glob("*.safetensors")) and files
@@ -112,3 +115,65 @@ def test_strategy_comes_from_the_environment(monkeypatch):
     monkeypatch.setenv("CALORA_DISTRIBUTED", "zero3")
     with pytest.raises(CaloraError, match="CALORA_DISTRIBUTED must be ddp or fsdp, got 'zero3'"):
         distributed.strategy()
+
+
+def test_rows_are_read_without_the_rest_of_the_tensor(tmp_path):
+    from safetensors.torch import save_file
+
+    from calora_cli.tensor_io import ShardReader
+
+    t = {"w": torch.randn(7, 3, 2), "h": torch.randn(5).to(torch.bfloat16)}
+    save_file(t, tmp_path / "x.safetensors")
+    with ShardReader(tmp_path / "x.safetensors") as r:
+        for lo, hi in [(0, 7), (4, 7), (2, 3), (7, 7)]:
+            assert torch.equal(r.get_rows("w", lo, hi), t["w"][lo:hi])
+        assert torch.equal(r.get_rows("h", 3, 5), t["h"][3:5])
+
+
+def test_a_skeleton_holds_no_weights_and_materializes_to_the_loaded_model(tiny_base, tiny_lora):
+    """What FSDP processes do, minus the sharding: the skeleton carries adapters as the loaded model
+    does (same values), and once filled it computes exactly what the loaded model computes."""
+    from calora_cli.artifacts import open_artifact
+    from calora_cli.models import load_model, materialize, pending, skeleton
+    from calora_cli.stages.common import attach_adapter
+
+    ad = open_artifact(tiny_lora)
+    loaded = attach_adapter(load_model(tiny_base), ad)
+    sk = attach_adapter(skeleton(tiny_base, torch.device("cpu"), "float32"), ad)
+    assert pending(sk)
+    base = [p for n, p in sk.named_parameters() if "lora_" not in n]
+    assert base and all(p.untyped_storage().nbytes() == 0 for p in base)
+    want = {n: p for n, p in loaded.named_parameters() if "lora_" in n}
+    for n, p in sk.named_parameters():
+        if "lora_" in n:
+            assert torch.equal(p, want[n]), n
+    materialize(sk, lambda model: None)
+    assert not pending(sk) and sk.get_base_model().lm_head.weight is sk.get_base_model().model.embed_tokens.weight
+    for n, p in loaded.state_dict().items():
+        assert torch.equal(sk.state_dict()[n], p), n
+    ids = torch.arange(1, 40).unsqueeze(0)
+    with torch.no_grad():
+        assert torch.equal(sk(input_ids=ids).logits, loaded(input_ids=ids).logits)
+
+
+def test_fsdp_refuses_quantized_bases_and_names_missing_weights(tiny_base, tmp_path):
+    import shutil
+
+    from calora_cli.errors import CaloraError
+    from calora_cli.models import materialize, skeleton
+
+    quant = tmp_path / "q"
+    shutil.copytree(tiny_base, quant)
+    cfg = json.loads((quant / "config.json").read_text())
+    (quant / "config.json").write_text(json.dumps({**cfg, "quantization_config": {"quant_method": "gptq", "bits": 4}}))
+    with pytest.raises(CaloraError, match="is quantized: FSDP shards unquantized"):
+        skeleton(quant, torch.device("cpu"), "float32")
+    from safetensors.torch import save_file
+
+    cut = tmp_path / "cut"
+    shutil.copytree(tiny_base, cut)
+    weights = load_file(cut / "model.safetensors")
+    save_file({k: v for k, v in weights.items() if "layers.1.mlp.up_proj" not in k}, cut / "model.safetensors")
+    sk = skeleton(cut, torch.device("cpu"), "float32")
+    with pytest.raises(CaloraError, match="have no tensor model.layers.1.mlp.up_proj.weight"):
+        materialize(sk, lambda model: None)

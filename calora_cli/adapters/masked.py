@@ -50,7 +50,9 @@ def _masked_forward(self, x, *args, **kwargs):
         if name not in self.lora_A:
             continue
         A, B = self.lora_A[name].weight, self.lora_B[name].weight
-        delta = (B @ A) * self.calora_mask
+        # no stored mask: the base is sharded (FSDP), and its weight is whole only inside this forward
+        mask = self.calora_mask if self.calora_mask is not None else self.base_layer.weight != 0
+        delta = (B @ A) * mask
         result = result + self.scaling[name] * F.linear(self.lora_dropout[name](x).to(A.dtype), delta).to(result.dtype)
     return result
 
@@ -70,7 +72,16 @@ def apply_masks(peft_model, stored: dict[str, "torch.Tensor"] | None = None) -> 
     `stored` masks (from a sparsified adapter) must equal the base's zeros: a base that changed
     since the adapter was made is refused. Returns the masks applied.
     """
+    from calora_cli.models import pending
+
     masks = {}
+    if pending(peft_model):
+        # a skeleton for FSDP: the weights are read once sharded, and no process holds them whole
+        # outside a layer's forward, so each forward takes the mask from the gathered weight
+        for layer in lora_layers(peft_model).values():
+            layer.calora_mask = None
+            layer.forward = types.MethodType(_masked_forward, layer)
+        return masks
     for module, layer in lora_layers(peft_model).items():
         weight = layer.base_layer.weight
         if not weight.is_floating_point():

@@ -45,7 +45,7 @@ def train_lora(
     from peft import LoraConfig, get_peft_model
 
     seed_everything(cfg.seed)
-    model = load_model(base, opts.device, opts.dtype)
+    model = load_model(base, opts.device, opts.dtype, shardable=True)
     available = linear_module_names(model)
     targets = targets or available
     unknown = sorted(set(targets) - set(available))

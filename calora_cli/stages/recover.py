@@ -151,10 +151,10 @@ def recover(adapter: Path, base: Path, teacher: Path, teacher_adapter: Path, dat
     examples = load_examples(data, load_tokenizer(base_art.path), cfg.seq_len)
 
     seed_everything(cfg.seed)
-    teacher_model = attach_adapter(load_model(t_art.path, opts.device, opts.dtype), ta)
+    teacher_model = attach_adapter(load_model(t_art.path, opts.device, opts.dtype, shardable=True), ta)
     teacher_model.requires_grad_(False).eval()
     distributed.shard_model(teacher_model, teacher_model.device)  # under FSDP the teacher is sharded too
-    student = attach_adapter(load_model(base_art.path, opts.device, opts.dtype), ad, trainable=True)
+    student = attach_adapter(load_model(base_art.path, opts.device, opts.dtype, shardable=True), ad, trainable=True)
     lora_cfg = student.peft_config["default"]
     rank = spec.recovery_dim if spec.recovery_dim is not None else lora_cfg.r
     modules = recovery.attach(student, rank, lora_cfg.lora_alpha, seed=cfg.seed) if rank else None

@@ -132,7 +132,13 @@ def _block_errors(base_art, teacher, model, examples, opts: RunOptions) -> list[
     if teacher is None:
         raise CaloraError(f"base {base_art.path} records no block errors (not pruned by calora compress with calibration "
                           "text): pass --distill-from ORIGINAL to measure them")
+    from calora_cli.models import pending
     from calora_cli.stages.compress import block_errors_against
+
+    if pending(model):
+        raise CaloraError(f"base {base_art.path} records no block errors, and under FSDP they cannot be measured "
+                          "(no process holds whole layers): prune it with calora compress and calibration text, "
+                          "or run with CALORA_DISTRIBUTED=ddp")
 
     calib = examples.batch(torch.arange(min(8, len(examples))))["input_ids"]
     return block_errors_against(model, teacher.path, calib)["block_rel_error"]
@@ -166,7 +172,7 @@ def _train_masked(base_art, ad_art, data: Path, cfg: TrainConfig, losa: LosaSpec
 
     examples = load_examples(data, load_tokenizer(base_art.path), cfg.seq_len)
     seed_everything(cfg.seed)
-    model = load_model(base_art.path, opts.device, opts.dtype)
+    model = load_model(base_art.path, opts.device, opts.dtype, shardable=True)
     metrics: dict = {}
     source = ad_art.path
     if is_nola(ad_art):  # LoSA trains A and B themselves: a NOLA adapter trains as its expanded LoRA
@@ -180,7 +186,7 @@ def _train_masked(base_art, ad_art, data: Path, cfg: TrainConfig, losa: LosaSpec
     apply_masks(model)
     loss_fn = causal_lm_loss
     if teacher is not None:
-        teacher_model = attach_adapter(load_model(teacher.path, opts.device, opts.dtype), ad_art)
+        teacher_model = attach_adapter(load_model(teacher.path, opts.device, opts.dtype, shardable=True), ad_art)
         teacher_model.requires_grad_(False).eval()
         distributed.shard_model(teacher_model, teacher_model.device)  # under FSDP the teacher is sharded too
         loss_fn = make_loss(teacher_model, losa.distill)
