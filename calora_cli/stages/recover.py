@@ -121,7 +121,7 @@ def make_loss(teacher, spec: RecoverSpec, cache: TeacherCache | None = None):
             with torch.no_grad():
                 t = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=hidden)
         d = distill_terms(out, t, batch["attention_mask"], spec)
-        return ce + spec.distill_weight * d, {"ce": ce.item(), "distill": float(d)}
+        return ce + spec.distill_weight * d, {"ce": ce.item(), "distill": float(d.detach()) if torch.is_tensor(d) else float(d)}
 
     return loss_fn
 
