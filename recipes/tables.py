@@ -53,6 +53,6 @@ def finish_bars(ax, fig, groups: list[str], n_bars: int, width: float, out: Path
     """Label grouped bars (one group per column, n_bars per group) and save the figure."""
     ax.set_xticks([i + width * (n_bars - 1) / 2 for i in range(len(groups))], groups)
     ax.set_ylabel("held-out perplexity (lower is better)")
-    ax.legend(fontsize=7, loc="upper left")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))  # beside the axes: bars can fill them
     fig.tight_layout()
-    fig.savefig(out, dpi=120)
+    fig.savefig(out, dpi=120, bbox_inches="tight")
