@@ -156,7 +156,7 @@ def skeleton(path: Path, dev: "torch.device", dtype: str) -> "PreTrainedModel":
             holders.append((module, pname))
             keys.append(f"{mname}.{pname}" if mname else pname)  # tied weights: whichever name the file has
             module._parameters[pname] = placeholders[id(p)]
-    model._calora_pending = (Path(path), list(slots.values()))
+    model._calora_pending = (Path(path), list(slots.values()), dev)
     model.eval()
     return model
 
@@ -177,7 +177,7 @@ def materialize(model, shard) -> None:
     from torch.distributed.tensor import DTensor
 
     inner = _inner(model)
-    path, slots = inner._calora_pending
+    path, slots, dev = inner._calora_pending
     for holders, _, shape in slots:
         module, pname = holders[0]
         meta = torch.nn.Parameter(torch.empty(shape, dtype=module._parameters[pname].dtype, device="meta"),
@@ -192,7 +192,7 @@ def materialize(model, shard) -> None:
     # to_empty allocates every tensor afresh: keep what already has values (adapters, rotary tables)
     keep = {n: local(p).detach().clone() for n, p in model.named_parameters() if not local(p).is_meta}
     buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
-    model.to_empty(device=next(iter(buffers.values())).device if buffers else "cpu")
+    model.to_empty(device=dev)
     with torch.no_grad():
         for n, p in model.named_parameters():
             if n in keep:
