@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import math
 import os
 from pathlib import Path
@@ -40,7 +41,21 @@ def resolve_device(name: str) -> "torch.device":
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
             raise CaloraError(f"--device {name} was asked for, but no CUDA device is available")
-        return torch.device(name)
+        try:
+            dev = torch.device(name)
+        except RuntimeError:
+            raise CaloraError(f"unknown --device {name!r} (use cpu or cuda[:N])") from None
+        from calora_cli import distributed
+
+        if dev.index is None and distributed.world_size() > 1:
+            # under torchrun/accelerate a bare `cuda` means this process's own GPU, as the launchers intend
+            local, count = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
+            if local >= count:
+                raise CaloraError(f"this process (LOCAL_RANK {local}) has no GPU of its own: {count} visible")
+            dev = torch.device("cuda", local)
+        if dev.index is not None:
+            torch.cuda.set_device(dev)  # nccl and FSDP work on the current device
+        return dev
     raise CaloraError(f"unknown --device {name!r} (use cpu or cuda[:N])")
 
 
@@ -103,6 +118,7 @@ def load_model(path: Path, device: str = "cpu", dtype: str = "float32", shardabl
                 trust_remote_code=False,
                 local_files_only=True,
                 device_map={"": str(dev)},
+                **gptq_kernel(path, dev, dtype),
             )
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -114,6 +130,28 @@ def load_model(path: Path, device: str = "cpu", dtype: str = "float32", shardabl
             raise CaloraError(f"model {path} has NaN or Inf values in {name}")
     model.eval()
     return model
+
+
+def gptq_kernel(path: Path, dev: "torch.device", dtype: str) -> dict:
+    """from_pretrained arguments that pick the GPTQ kernel on CUDA (none elsewhere, or for other models).
+
+    gptqmodel's automatic choice on a GPU is Marlin, which takes float16 inputs only and cannot be
+    trained through, so `recover`/`train` on a GPTQ base and float32 `eval` would fail. Every stage
+    gets a kernel it can train through instead, the same one for evaluation so that evaluation
+    measures what was trained: the dequantizing torch kernel in float32, Triton in float16/bfloat16.
+    """
+    if dev.type != "cuda":
+        return {}
+    from transformers import GPTQConfig
+
+    try:
+        q = json.loads((Path(path) / "config.json").read_text()).get("quantization_config") or {}
+    except (OSError, ValueError):
+        return {}  # from_pretrained reports the unreadable config
+    if q.get("quant_method") != "gptq":
+        return {}
+    backend = "gptq_torch" if dtype == "float32" else "auto_trainable"
+    return {"quantization_config": GPTQConfig(bits=q.get("bits", 4), backend=backend)}
 
 
 # --- loading straight into shards (FSDP) ---------------------------------------------------------

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,3 +34,33 @@ def one_line_error(result) -> str:
     assert "Traceback" not in result.stderr
     assert lines[0].startswith("calora: error: ")
     return lines[0]
+
+
+def launch(args, processes: int, strategy: str = "ddp", torchrun: bool = False) -> dict:
+    """Run the CLI as a subprocess (under torchrun when processes > 1 or asked); return rank 0's --json summary."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GPTQMODEL_DISABLE_PACK_EXT": "1", "OMP_NUM_THREADS": "1",
+           "CALORA_DISTRIBUTED": strategy}
+    launcher = [sys.executable, "-m", "calora_cli"] if processes == 1 and not torchrun else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}", "-m", "calora_cli"]
+    r = subprocess.run([*launcher, *map(str, args)], capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    summaries = [line for line in r.stdout.splitlines() if line.startswith("{")]
+    assert len(summaries) == 1, r.stdout  # only rank 0 prints
+    return json.loads(summaries[0])
+
+
+def assert_same_safetensors(a_dir: Path, b_dir: Path, atol: float) -> None:
+    """Both artifacts hold the same safetensors files, tensors and keys; floats within atol, the rest equal."""
+    import torch
+    from safetensors.torch import load_file
+
+    files = sorted(p.name for p in Path(a_dir).glob("*.safetensors"))
+    assert files == sorted(p.name for p in Path(b_dir).glob("*.safetensors")) and files
+    for name in files:
+        a, b = load_file(Path(a_dir) / name), load_file(Path(b_dir) / name)
+        assert a.keys() == b.keys()
+        for k in a:
+            if a[k].is_floating_point():
+                torch.testing.assert_close(b[k], a[k], rtol=0, atol=atol)
+            else:
+                assert torch.equal(a[k], b[k]), k

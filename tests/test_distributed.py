@@ -8,23 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import SHK
+from helpers import SHK, assert_same_safetensors, launch
 from safetensors.torch import load_file
 
 TEXT = SHK / "plays" / "histories--richard-ii.txt"
 SMALL = ["--steps", "4", "--batch-size", "4", "--seq-len", "32", "--lr", "3e-3", "--json"]
-
-
-def run(args, processes: int, strategy: str = "ddp"):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GPTQMODEL_DISABLE_PACK_EXT": "1", "OMP_NUM_THREADS": "1",
-           "CALORA_DISTRIBUTED": strategy}
-    launcher = [sys.executable, "-m", "calora_cli"] if processes == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}", "-m", "calora_cli"]
-    r = subprocess.run([*launcher, *map(str, args)], capture_output=True, text=True, env=env)
-    assert r.returncode == 0, r.stderr[-3000:]
-    summaries = [line for line in r.stdout.splitlines() if line.startswith("{")]
-    assert len(summaries) == 1, r.stdout  # only rank 0 prints
-    return json.loads(summaries[0])
 
 
 @pytest.fixture(scope="module")
@@ -47,23 +35,14 @@ def test_two_processes_train_the_same_adapter_as_one(tiny_base, tiny_lora, prune
                     "--data", TEXT, "--distill-weight", "2"],
         "sparsify-adapter": ["sparsify-adapter", tiny_lora, "--base", pruned, "--data", TEXT],
     }[stage]
-    one = run([*argv, *SMALL, "-o", tmp_path / "one"], 1)
-    two = run([*argv, *SMALL, "-o", tmp_path / "two"], 2, strategy)
+    one = launch([*argv, *SMALL, "-o", tmp_path / "one"], 1)
+    two = launch([*argv, *SMALL, "-o", tmp_path / "two"], 2, strategy)
     assert "distributed" not in one
     if strategy == "fsdp":  # loaded straight into shards: each process read about half of the base's bytes
         assert 0.45 < two["distributed"].pop("weights_read") < 0.55
     assert two["distributed"] == {"processes": 2, "strategy": strategy}
     assert two["first_loss"] == pytest.approx(one["first_loss"], abs=1e-5)
-    files = sorted(p.name for p in (tmp_path / "one").glob("*.safetensors"))
-    assert files == sorted(p.name for p in (tmp_path / "two").glob("*.safetensors")) and files
-    for name in files:
-        a, b = load_file(tmp_path / "one" / name), load_file(tmp_path / "two" / name)
-        assert a.keys() == b.keys()
-        for k in a:
-            if a[k].is_floating_point():
-                torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-5)
-            else:
-                assert torch.equal(a[k], b[k]), k
+    assert_same_safetensors(tmp_path / "one", tmp_path / "two", atol=1e-5)
     # nothing beside the outputs: the second process wrote into a throwaway dir
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "two"]
 
@@ -93,11 +72,8 @@ def test_resumed_sharded_run_equals_uninterrupted_single_process(tiny_base, tiny
                         *map(str, (tiny_lora, pruned, tiny_base, tiny_lora, TEXT, tmp_path / "two"))],
                        capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
-    for name in ("adapter_model.safetensors", "recovery.safetensors"):
-        a, b = load_file(tmp_path / "one" / name), load_file(tmp_path / "two" / name)
-        assert a.keys() == b.keys()
-        for k in a:
-            torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-5)
+    assert_same_safetensors(tmp_path / "one", tmp_path / "two", atol=1e-5)
+    assert (tmp_path / "two" / "recovery.safetensors").exists()
     assert not (tmp_path / "two.ckpt").exists()
 
 
@@ -177,3 +153,23 @@ def test_fsdp_refuses_quantized_bases_and_names_missing_weights(tiny_base, tmp_p
     sk = skeleton(cut, torch.device("cpu"), "float32")
     with pytest.raises(CaloraError, match="have no tensor model.layers.1.mlp.up_proj.weight"):
         materialize(sk, lambda model: None)
+
+
+def test_bare_cuda_under_a_launcher_means_the_local_ranks_gpu(monkeypatch):
+    """`--device cuda` on 8 processes must not put all 8 on GPU 0 (checked without a GPU: CUDA mocked)."""
+    from calora_cli.errors import CaloraError
+    from calora_cli.models import resolve_device
+
+    current = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", current.append)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert resolve_device("cuda") == torch.device("cuda", 1) and current == [torch.device("cuda", 1)]
+    assert resolve_device("cuda:0") == torch.device("cuda", 0)  # an explicit index is kept
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    with pytest.raises(CaloraError, match="LOCAL_RANK 2.*has no GPU of its own: 2 visible"):
+        resolve_device("cuda")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert resolve_device("cuda") == torch.device("cuda")

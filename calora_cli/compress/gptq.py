@@ -42,19 +42,24 @@ def check_group_size(config: dict, group_size: int) -> None:
             )
 
 
-def quantize(src: Path, bits: int, group_size: int, calib_texts: list[str], tokenizer, seed: int):
-    """Load `src` quantized with GPTQ; returns the quantized model (on CPU)."""
+def quantize(src: Path, bits: int, group_size: int, calib_texts: list[str], tokenizer, seed: int,
+             device: str = "cpu", dtype: str = "float32"):
+    """Load `src` quantized with GPTQ on `device`; returns the quantized model there."""
     import torch
     from transformers import AutoModelForCausalLM, GPTQConfig
+
+    from calora_cli.models import resolve_device, torch_dtype
 
     if bits not in BITS:
         raise CaloraError(f"--bits must be one of {', '.join(map(str, BITS))} for gptq, got {bits}")
     torch.manual_seed(seed)
     cfg = GPTQConfig(bits=bits, group_size=group_size, dataset=calib_texts, tokenizer=tokenizer, desc_act=False, sym=True)
     with library_chatter_hidden():
-        # float32: gptqmodel would pick bf16 on CPU, whose matmuls are ~10x slower on CPUs without AMX
+        # the dtype is passed on explicitly: gptqmodel would pick bf16 on CPU, whose matmuls are ~10x
+        # slower on CPUs without AMX (float32, the default, is what calora's CPU runs use)
         return AutoModelForCausalLM.from_pretrained(
-            src, quantization_config=cfg, device_map="cpu", dtype=torch.float32, trust_remote_code=False,
+            src, quantization_config=cfg, device_map=str(resolve_device(device)), dtype=torch_dtype(dtype),
+            trust_remote_code=False,
             use_safetensors=True, local_files_only=True,
         )
 

@@ -191,7 +191,7 @@ def block_errors(model, calib: "torch.Tensor", dense_block: Callable[[int], "tor
     inputs = capture_inputs(model, calib)
     errors = []
     for i, block in enumerate(decoder_layers(model)):
-        ref_block = dense_block(i).to(inputs[0][0].dtype)
+        ref_block = dense_block(i).to(inputs[0][0].device, inputs[0][0].dtype)
         reference = run_block(ref_block, inputs)
         del ref_block
         inputs = run_block(block, inputs)

@@ -126,7 +126,7 @@ def compress_model(model_dir: Path, out: Path, spec: CompressSpec, opts: RunOpti
         else:
             from calora_cli.compress import bnb
 
-            model = bnb.quantize(src.path, spec.method)
+            model = bnb.quantize(src.path, spec.method, opts.device, opts.dtype)
         if spec.method in QUANTIZERS or spec.then:
             metrics.update(block_errors_against(model, src.path, calib))
         model.save_pretrained(tmp)
@@ -183,7 +183,7 @@ def _gptq(src: Path, spec: CompressSpec, tokenizer, calib, opts: RunOptions):
 
     texts = [tokenizer.decode(row) for row in calib]
     with progress("gptq", None, opts.show_progress):
-        return gptq.quantize(src, spec.bits, spec.group_size, texts, tokenizer, opts.seed)
+        return gptq.quantize(src, spec.bits, spec.group_size, texts, tokenizer, opts.seed, opts.device, opts.dtype)
 
 
 def _masks(model) -> dict[str, "torch.Tensor"]:
