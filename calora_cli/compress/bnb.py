@@ -9,16 +9,12 @@ METHODS = ("rtn-int8", "nf4")
 
 def quantize(src: Path, method: str, device: str = "cpu", dtype: str = "float32"):
     """Load `src` quantized by bitsandbytes on `device` (the weights are quantized as they load)."""
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import BitsAndBytesConfig
 
-    from calora_cli.models import resolve_device, torch_dtype
+    from calora_cli.models import quantize_on_load, torch_dtype
 
     if method == "nf4":
         cfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch_dtype(dtype))
     else:
         cfg = BitsAndBytesConfig(load_in_8bit=True)
-    return AutoModelForCausalLM.from_pretrained(
-        src, quantization_config=cfg, device_map=str(resolve_device(device)), dtype=torch_dtype(dtype),
-        trust_remote_code=False,
-        use_safetensors=True, local_files_only=True,
-    )
+    return quantize_on_load(src, cfg, device, dtype)

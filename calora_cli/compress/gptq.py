@@ -11,7 +11,6 @@ from pathlib import Path
 
 from calora_cli.compress.gptq_format import check_bits, pack, unpack, zero_points
 from calora_cli.errors import CaloraError
-from calora_cli.models import library_chatter_hidden
 
 BITS = (4, 8)
 
@@ -46,22 +45,15 @@ def quantize(src: Path, bits: int, group_size: int, calib_texts: list[str], toke
              device: str = "cpu", dtype: str = "float32"):
     """Load `src` quantized with GPTQ on `device`; returns the quantized model there."""
     import torch
-    from transformers import AutoModelForCausalLM, GPTQConfig
+    from transformers import GPTQConfig
 
-    from calora_cli.models import resolve_device, torch_dtype
+    from calora_cli.models import quantize_on_load
 
     if bits not in BITS:
         raise CaloraError(f"--bits must be one of {', '.join(map(str, BITS))} for gptq, got {bits}")
     torch.manual_seed(seed)
     cfg = GPTQConfig(bits=bits, group_size=group_size, dataset=calib_texts, tokenizer=tokenizer, desc_act=False, sym=True)
-    with library_chatter_hidden():
-        # the dtype is passed on explicitly: gptqmodel would pick bf16 on CPU, whose matmuls are ~10x
-        # slower on CPUs without AMX (float32, the default, is what calora's CPU runs use)
-        return AutoModelForCausalLM.from_pretrained(
-            src, quantization_config=cfg, device_map=str(resolve_device(device)), dtype=torch_dtype(dtype),
-            trust_remote_code=False,
-            use_safetensors=True, local_files_only=True,
-        )
+    return quantize_on_load(src, cfg, device, dtype)
 
 
 def strip_calibration(config_path: Path) -> None:
