@@ -34,10 +34,11 @@ def child(way: str, base: Path) -> None:
     import torch
 
     from calora_cli import distributed
-    from calora_cli.models import _quiet_transformers, load_model
+    from calora_cli.models import load_model
+    from calora_cli.runtime import import_stack
 
     distributed.setup(torch.device("cpu"))
-    _quiet_transformers()  # the ML stack's imports (a third of a GB) belong to the baseline, not to loading
+    import_stack()  # the ML stack's imports (a third of a GB) belong to the baseline, not to loading
     import accelerate  # noqa: F401
     imports = rss("VmRSS")
     t0 = time.perf_counter()

@@ -32,7 +32,8 @@ def build(root: Path, size_gb: float) -> tuple[Path, Path]:
     # a narrower model than the merge benchmark's, so every size is several layers deep and the
     # embedding (fixed) is a small part: the sizes differ by depth alone
     base, lora = build_model(root, size_gb, hidden=1024)
-    from calora_cli.models import train_bpe_tokenizer
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
+    from tiny_models import train_bpe_tokenizer
 
     # a tokenizer so eval can run (the vocabulary is the model's 32000 ids, trained on the text)
     tok = train_bpe_tokenizer([TEXT.read_text()], 32000)
@@ -44,10 +45,10 @@ def child(stage: str, base: Path, lora: Path, out: Path) -> None:
     import torch  # noqa: F401  (counted in the imports baseline for every stage)
 
     from calora_cli.artifacts import open_artifact, verify
-    from calora_cli.stages.common import RunOptions
+    from calora_cli.run import RunOptions
     from calora_cli.stages.compress import CompressSpec, compress_model
     from calora_cli.stages.evaluate import evaluate
-    from calora_cli.stages.merge import merge
+    from calora_cli.merge import merge
 
     opts = RunOptions(show_progress=False, allow_base_mismatch=True)
     imports = rss("VmRSS")

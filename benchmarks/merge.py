@@ -54,8 +54,8 @@ def child(kind: str, base: Path, lora: Path, out: Path) -> None:
     if kind == "floor":
         from safetensors.torch import load_file, save_file
     elif kind == "calora":
-        from calora_cli.stages.common import RunOptions
-        from calora_cli.stages.merge import merge
+        from calora_cli.run import RunOptions
+        from calora_cli.merge import merge
     else:
         from peft import PeftModel
         from transformers import AutoModelForCausalLM

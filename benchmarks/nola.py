@@ -26,7 +26,7 @@ RANK, WIDTH, BASES = 8, 4096, 1024
 def child(mode: str, layers: int) -> None:
     import torch
 
-    from calora_cli.adapters import nola
+    from calora_cli.methods.nola import layer as nola
 
     torch.set_num_threads(os.cpu_count() or 1)
     g = torch.Generator().manual_seed(0)

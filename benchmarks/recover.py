@@ -31,11 +31,11 @@ def main() -> int:
     if not (args.model / "config.json").exists():
         sys.exit(f"no model at {args.model}: run `make -C recipes tiny` first, or pass --model")
 
-    from calora_cli.stages.common import RunOptions
+    from calora_cli.run import RunOptions
     from calora_cli.stages.compress import CompressSpec, compress_model
     from calora_cli.stages.finetune import train_lora
-    from calora_cli.stages.inherit import inherit
-    from calora_cli.stages.recover import RecoverSpec, recover
+    from calora_cli.methods.ca_lora.inherit import inherit
+    from calora_cli.methods.ca_lora.recover import RecoverSpec, recover
     from calora_cli.train import TrainConfig
 
     opts = RunOptions(show_progress=False, force=True)

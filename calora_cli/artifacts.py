@@ -299,7 +299,7 @@ def atomic_output(out: Path | str, force: bool = False) -> Iterator[Path]:
     An interrupted stage therefore never leaves a partial OUT behind. With --force, an existing OUT
     is replaced only once the new one is complete.
     """
-    from calora_cli.distributed import is_writer
+    from calora_cli.ranks import is_writer
 
     out = Path(out)
     if not is_writer():  # rank 0 of a distributed run writes OUT (and may have already): use a throwaway dir

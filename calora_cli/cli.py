@@ -6,15 +6,13 @@ Nothing heavy is imported at module level: `calora --help` must not import torch
 from __future__ import annotations
 
 import contextlib
-import errno
 import contextvars
+import errno
 import functools
 import json
-import logging
 import os
 import sys
 import traceback
-import warnings
 from pathlib import Path
 from typing import Annotated, Any, Callable, Optional
 
@@ -22,6 +20,7 @@ import typer
 
 from calora_cli import __version__
 from calora_cli.errors import CaloraError
+from calora_cli.ranks import is_writer
 
 app = typer.Typer(
     name="calora",
@@ -50,16 +49,6 @@ AllowMismatch = Annotated[
 # Libraries print banners to stdout (gptqmodel does on import); commands run with stdout sent to
 # stderr, and only the summary goes to the real stdout, so `--json` output stays parseable.
 _STDOUT: contextvars.ContextVar = contextvars.ContextVar("stdout", default=None)
-_NOISY_LOGGERS = ("torchao", "torch.utils._pytree", "gptqmodel", "transformers", "peft", "optimum", "accelerate")
-
-
-def _quiet_libraries() -> None:
-    warnings.filterwarnings("ignore")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    for name in _NOISY_LOGGERS:
-        logging.getLogger(name).setLevel(logging.ERROR)
-
-
 def _err(msg: str) -> None:
     print(f"calora: {msg}", file=sys.stderr)
 
@@ -69,11 +58,14 @@ def command(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(fn)
     def run(*args: Any, **kwargs: Any) -> Any:
+        from calora_cli import logs
+
         debug = kwargs.get("debug", False)
         if debug:
             os.environ["CALORA_DEBUG"] = "1"
         else:
-            _quiet_libraries()
+            os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        logs.configure(quiet=kwargs.get("quiet", False), debug=debug)
         token = _STDOUT.set(sys.stdout)
         try:
             with contextlib.redirect_stdout(sys.stderr):
@@ -117,7 +109,7 @@ def _bases(text: str) -> tuple[int, int]:
 
 
 def _opts(device: str = "cpu", dtype: str = "float32", seed: int = 0, force: bool = False, quiet: bool = False, allow: bool = False):
-    from calora_cli.stages.common import RunOptions
+    from calora_cli.run import RunOptions
 
     return RunOptions(
         device=device,
@@ -126,13 +118,10 @@ def _opts(device: str = "cpu", dtype: str = "float32", seed: int = 0, force: boo
         force=force,
         show_progress=not quiet,
         allow_base_mismatch=allow,
-        warn=(lambda m: None) if quiet else (lambda m: _err(f"warning: {m}")),
     )
 
 
 def _emit(summary: dict, as_json: bool) -> None:
-    from calora_cli.distributed import is_writer
-
     if not is_writer():  # one summary per distributed run, from rank 0
         return
     out = _STDOUT.get() or sys.stdout
@@ -275,10 +264,21 @@ def info(
     debug: Debug = False,
 ) -> None:
     """Show an artifact: kind, lineage, sizes, parameters, sparsity, quantization."""
-    from calora_cli.stages.info import describe
+    from calora_cli.stages.info import describe, summary_rows
 
     result = describe(artifact, check=verify)
-    _emit(result, json_)
+    if json_:
+        _emit(result, True)
+    elif is_writer():
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(show_header=False, box=None, pad_edge=False)
+        table.add_column(style="bold", no_wrap=True)
+        table.add_column(overflow="fold")
+        for label, text in summary_rows(result):
+            table.add_row(label, text)
+        Console(file=_STDOUT.get() or sys.stdout).print(table, highlight=False)
     if verify and not result["verify"]["ok"]:
         raise CaloraError(f"{artifact} failed verification: {'; '.join(result['verify']['problems'])}")
 
@@ -298,9 +298,11 @@ def compress(
     rmi_delta: Annotated[Optional[float], typer.Option("--rmi-delta", help="rmi: rates lie in sparsity +- delta (default 0.01-0.03 by sparsity).")] = None,
     then: Annotated[Optional[str], typer.Option("--then", help="After pruning, quantize: gptq.")] = None,
     bits: Annotated[int, typer.Option("--bits", help="GPTQ bits: 4 or 8.")] = 4,
-    group_size: Annotated[int, typer.Option("--group-size", help="GPTQ group size; must divide every linear's input features.")] = 128,
+    group_size: Annotated[int, typer.Option("--group-size", help="GPTQ group size: 32, 64, 128 or 256, dividing every linear's input features.")] = 128,
     calib: Annotated[Optional[Path], typer.Option("--calib", help="Calibration text (needed by wanda, sparsegpt, gptq, rmi).")] = None,
     calib_samples: Annotated[int, typer.Option("--calib-samples", help="Calibration windows drawn from --calib.")] = 32,
+    activation_memory: Annotated[float, typer.Option("--activation-memory", help="Pruning: GB of calibration activations "
+                                 "kept in memory between layers; beyond it they spill to the output's temp dir.")] = 2.0,
     seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per calibration window (nola: per training sequence).")] = 256,
     bases: Annotated[str, typer.Option("--bases", help="nola: K[,L] random bases for A (and B).")] = "1024",
     data: Annotated[Optional[Path], typer.Option("--data", help="nola: text to distill the LoRA's behaviour on.")] = None,
@@ -321,12 +323,12 @@ def compress(
 ) -> None:
     """Compress a base model block by block (GPTQ, NF4/int8, magnitude/Wanda/SparseGPT), or a LoRA into NOLA (--method nola)."""
     if method == "expand":
-        from calora_cli.stages.nola_compress import expand_nola
+        from calora_cli.methods.nola.compress import expand_nola
 
         _emit(expand_nola(model, output, _opts(force=force, quiet=quiet)), json_)
         return
     if method == "nola":
-        from calora_cli.stages.nola_compress import NolaSpec, compress_lora
+        from calora_cli.methods.nola.compress import NolaSpec, compress_lora
         from calora_cli.train import TrainConfig
 
         if data is None:
@@ -340,6 +342,7 @@ def compress(
     spec = CompressSpec(
         method=method, sparsity=sparsity, pattern=pattern, allocation=allocation, rmi_delta=rmi_delta, bits=bits,
         group_size=group_size, calib=calib, calib_samples=calib_samples, seq_len=seq_len, then=then,
+        activation_gb=activation_memory,
     )
     _emit(compress_model(model, output, spec, _opts(device, dtype, seed, force, quiet)), json_)
 
@@ -357,7 +360,7 @@ def inherit(
     debug: Debug = False,
 ) -> None:
     """CA-LoRA knowledge inheritance: carry an existing LoRA's A and B onto a compressed model."""
-    from calora_cli.stages.inherit import inherit as run
+    from calora_cli.methods.ca_lora.inherit import inherit as run
 
     _emit(run(adapter, base, output, _opts(force=force, quiet=quiet, allow=allow_base_mismatch)), json_)
 
@@ -397,7 +400,8 @@ def recover(
     debug: Debug = False,
 ) -> None:
     """CA-LoRA knowledge recovery: train the inherited LoRA + recovery modules by distillation from the teacher."""
-    from calora_cli.stages.recover import RecoverSpec, recover as run
+    from calora_cli.methods.ca_lora.recover import RecoverSpec
+    from calora_cli.methods.ca_lora.recover import recover as run
     from calora_cli.train import TrainConfig
 
     cfg = TrainConfig(steps=steps, lr=lr, batch_size=batch_size, seq_len=seq_len, seed=seed)
@@ -438,14 +442,14 @@ def sparsify_adapter(
     debug: Debug = False,
 ) -> None:
     """LoSA: mask an adapter's delta to a sparse base's non-zeros (with --data: fine-tune it masked), so it merges without filling zeros."""
-    from calora_cli.stages.recover import RecoverSpec
-    from calora_cli.stages.sparsify import LosaSpec
-    from calora_cli.stages.sparsify import sparsify_adapter as run
+    from calora_cli.distill import DistillSpec
+    from calora_cli.methods.losa.sparsify import LosaSpec
+    from calora_cli.methods.losa.sparsify import sparsify_adapter as run
     from calora_cli.train import TrainConfig
 
     cfg = TrainConfig(steps=steps, lr=lr, batch_size=batch_size, seq_len=seq_len, seed=seed) if data else None
     losa = LosaSpec(rank_allocation, max_rank, distill_from,
-                    RecoverSpec(distill=distill, distill_weight=distill_weight, temperature=temperature))
+                    DistillSpec(distill=distill, distill_weight=distill_weight, temperature=temperature))
     _emit(run(adapter, base, output, _opts(device, dtype, seed, force, quiet, allow_base_mismatch), data=data, cfg=cfg,
               losa=losa), json_)
 
@@ -476,7 +480,7 @@ def merge(
     """Fold adapters into a base, one tensor at a time: W + sum_k w_k s_k B_k A_k (masked to the base's zeros with --keep-sparsity).
 
     GPTQ bases: each adapted layer is dequantized, merged and re-quantized (round-to-nearest, same bits and groups)."""
-    from calora_cli.stages.merge import merge as run
+    from calora_cli.merge import merge as run
 
     wlist = None
     if weights is not None:

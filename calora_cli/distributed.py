@@ -10,44 +10,14 @@ With CALORA_DISTRIBUTED=fsdp (or accelerate's FSDP launch, ACCELERATE_USE_FSDP=t
 is sharded instead of replicated (torch FSDP2, `fully_shard` per decoder layer and at the root), for
 models whose full copy does not fit one device: each process holds 1/N of the weights, gathered one
 layer at a time for the forward and backward. Such models are never loaded whole: each process
-builds a skeleton, shards it and reads only its own rows of each tensor (models.skeleton). Saved
+builds a skeleton, shards it and reads only its own rows of each tensor (sharded_load). Saved
 tensors are gathered whole first (`full`).
 """
 
 from __future__ import annotations
 
-import os
-
 from calora_cli.errors import CaloraError
-
-
-def world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def rank() -> int:
-    return int(os.environ.get("RANK", "0"))
-
-
-def is_writer() -> bool:
-    """Whether this process writes outputs and prints results (rank 0, or a single process)."""
-    return rank() == 0
-
-
-def strategy() -> str:
-    """'fsdp' or 'ddp' (the default): how a multi-process run spreads the model."""
-    chosen = os.environ.get("CALORA_DISTRIBUTED", "").strip().lower()
-    if not chosen and os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):
-        chosen = "fsdp"
-    chosen = chosen or "ddp"
-    if chosen not in ("ddp", "fsdp"):
-        raise CaloraError(f"CALORA_DISTRIBUTED must be ddp or fsdp, got {chosen!r}")
-    return chosen
-
-
-def sharded() -> bool:
-    """Whether this run shards models over processes (FSDP)."""
-    return world_size() > 1 and strategy() == "fsdp"
+from calora_cli.ranks import is_writer, rank, sharded, strategy, world_size  # noqa: F401 (distributed.* for callers)
 
 
 def setup(device) -> None:
@@ -77,7 +47,7 @@ def shard_model(model, device):
     the root, so at most one layer's full weights are gathered at a time. A no-op unless sharded()."""
     if not sharded():
         return model
-    from calora_cli.models import materialize, pending
+    from calora_cli.sharded_load import materialize, pending
 
     setup(device)
     if pending(model):  # a skeleton (load_model(shardable=True)): sharded first, then each process reads its slices
@@ -90,7 +60,7 @@ def shard_model(model, device):
 def _fully_shard(model) -> None:
     from torch.distributed.fsdp import fully_shard
 
-    from calora_cli.compress.sequential import decoder_layers
+    from calora_cli.arch import decoder_layers
 
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # a peft model wraps the HF one
     for layer in decoder_layers(inner):

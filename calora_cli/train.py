@@ -188,7 +188,7 @@ def train_loop(
     metrics = {"first_loss": losses[0], "final_loss": sum(tail) / len(tail), "steps": len(losses)}
     if distributed.world_size() > 1:
         metrics["distributed"] = {"processes": distributed.world_size(), "strategy": distributed.strategy()}
-        from calora_cli.models import weights_read
+        from calora_cli.sharded_load import weights_read
 
         if (share := weights_read(model)) is not None:  # loaded straight into shards: this process's part
             metrics["distributed"]["weights_read"] = round(share, 4)

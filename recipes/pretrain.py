@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from calora_cli.artifacts import atomic_output
     from calora_cli.data import batches, pack, tokenize_text, Examples
-    from calora_cli.models import build_tiny_llama, train_bpe_tokenizer
+    from tiny_models import build_tiny_llama, train_bpe_tokenizer
     from calora_cli.train import TrainConfig, train_loop
 
     t0 = time.time()

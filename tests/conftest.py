@@ -54,6 +54,23 @@ def tiny_base(request) -> Path:
 
 
 @pytest.fixture(scope="session")
+def trained_base(request, data_dir) -> Path:
+    """The tiny Llama's shape, pretrained on the Shakespeare training text for a few seconds.
+
+    A random-init model predicts nearly uniformly (perplexity near its vocabulary size whatever is
+    done to it), so a quality check on it cannot tell a broken compression from a good one. This
+    one is far from uniform, and compression moves its perplexity measurably."""
+    def build(out: Path) -> None:
+        import pretrain
+
+        pretrain.main(["--data", str(data_dir / "shakespeare" / "train.txt"), "--out", str(out), "--vocab", "512",
+                       "--layers", "2", "--hidden", "64", "--intermediate", "128", "--heads", "4", "--seq-len", "64",
+                       "--batch-size", "8", "--steps", "300", "--lr", "1e-2"])
+
+    return _cached(request, "trained-base", build)
+
+
+@pytest.fixture(scope="session")
 def other_base(request) -> Path:
     """Same shapes as tiny_base, other weights: for adapter-for-another-base errors."""
     return _cached(request, "other-base", lambda out: save_tiny_base(out, seed=1))
@@ -61,7 +78,7 @@ def other_base(request) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_lora(request, tiny_base, data_dir) -> Path:
-    from calora_cli.stages.common import RunOptions
+    from calora_cli.run import RunOptions
     from calora_cli.stages.finetune import train_lora
     from calora_cli.train import TrainConfig
 

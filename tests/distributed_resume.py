@@ -4,8 +4,8 @@ from its step-4 checkpoint, with the processes' strategy taken from CALORA_DISTR
 import sys
 from pathlib import Path
 
-from calora_cli.stages.common import RunOptions
-from calora_cli.stages.recover import RecoverSpec, recover
+from calora_cli.run import RunOptions
+from calora_cli.methods.ca_lora.recover import RecoverSpec, recover
 from calora_cli.train import TrainConfig
 
 adapter, base, teacher, teacher_adapter, data, out = map(Path, sys.argv[1:7])

@@ -9,13 +9,14 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "recipes"))  # tiny_models: the test-model builders
 DATA = Path(os.environ.get("CALORA_SHARED_DATA", REPO.parent / "shared" / "data"))
 SHK = DATA / "shakespeare"
 
 
 def save_tiny_base(out: Path, seed: int = 0, vocab: int = 512, **shape) -> None:
     """A tiny random Llama + a BPE tokenizer trained on one play, saved by plain transformers."""
-    from calora_cli.models import build_tiny_llama, train_bpe_tokenizer
+    from tiny_models import build_tiny_llama, train_bpe_tokenizer
 
     tok = train_bpe_tokenizer([(SHK / "plays" / "tragedies--hamlet.txt").read_text()], vocab)
     model = build_tiny_llama(

@@ -7,7 +7,8 @@ import torch
 from helpers import one_line_error
 from safetensors.torch import load_file
 
-from calora_cli.compress import allocation, sparsegpt, wanda
+from calora_cli.compress import sparsegpt, wanda
+from calora_cli.compress import sparsity_allocation as allocation
 from calora_cli.compress.masks import nm_mask, row_mask
 from calora_cli.compress.sequential import InputStats
 
@@ -157,7 +158,10 @@ def test_quantized_model_reloads_and_stays_close(cli, tiny_base, calib_text, sma
         (["--method", "wanda", "--sparsity", "0"], "--sparsity must lie in (0, 1)"),
         (["--method", "magnitude", "--pattern", "4:4"], "N:M needs 0 < N < M"),
         (["--method", "magnitude", "--pattern", "2:three"], "--pattern must be"),
-        (["--method", "gptq", "--group-size", "48"], "--group-size 48 does not divide the 64 input features"),
+        (["--method", "gptq", "--group-size", "128"], "--group-size 128 does not divide the 64 input features"),
+        # 16 compressed fine and then no CPU kernel could evaluate it (_weight_int4pack_mm takes 32-256)
+        (["--method", "gptq", "--group-size", "16"], "--group-size 16 is not one the GPTQ kernels run"),
+        (["--method", "wanda", "--sparsity", "0.5", "--then", "gptq", "--group-size", "48"], "--group-size 48 is not one"),
         (["--method", "gptq", "--bits", "3"], "--bits must be 4 or 8"),
         (["--method", "zip"], "unknown --method 'zip'"),
         (["--method", "wanda", "--sparsity", "0.5"], "needs calibration text"),
@@ -214,3 +218,34 @@ def test_gptq_is_deterministic(cli, tiny_base, calib_text, tmp_path):
         _compress(cli, tiny_base, tmp_path / run, "--method", "gptq", "--group-size", "32", "--calib", calib_text, *CAL)
     for name in ("model.safetensors", "config.json", "calora.json"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+
+
+def test_each_block_is_pruned_on_the_pruned_model_s_activations(tiny_base, calib_text):
+    """Block i+1's statistics come from the outputs of block i as pruned (its error included), as
+    Wanda's and SparseGPT's references do; stepping the blocks by hand gives the same weights, and
+    feeding the dense outputs forward would not."""
+    from calora_cli.arch import block_linears, decoder_layers
+    from calora_cli.compress.sequential import capture_inputs, collect_stats, prune_sequential, run_block
+    from calora_cli.models import load_model, load_tokenizer
+    from calora_cli.stages.compress import calibration_batch
+
+    calib = calibration_batch(load_tokenizer(tiny_base), calib_text.read_text(), 4, 32, seed=0)
+    engine = load_model(tiny_base)
+    list(prune_sequential(engine, calib, [0.5, 0.5], wanda.prune, wanda.NEEDS, None))
+
+    def prune_block(block, inputs):
+        stats, _ = collect_stats(block, inputs, wanda.NEEDS)
+        with torch.no_grad():
+            for name, lin in block_linears(block).items():
+                lin.weight.copy_(wanda.prune(lin.weight, stats[name], 0.5, None))
+
+    by_hand, dense = load_model(tiny_base), load_model(tiny_base)
+    x0 = capture_inputs(by_hand, calib)
+    prune_block(decoder_layers(by_hand)[0], x0)
+    prune_block(decoder_layers(by_hand)[1], run_block(decoder_layers(by_hand)[0], x0))  # pruned block 0's outputs
+    prune_block(decoder_layers(dense)[1], run_block(decoder_layers(dense)[0], x0))  # dense block 0's outputs
+
+    got, want, wrong = (block_linears(decoder_layers(m)[1]) for m in (engine, by_hand, dense))
+    for name in want:
+        assert torch.equal(got[name].weight, want[name].weight), name
+    assert any(not torch.equal(want[n].weight != 0, wrong[n].weight != 0) for n in want)  # the test can tell

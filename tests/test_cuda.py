@@ -6,6 +6,7 @@ the usual way, or reloads the CUDA-made artifact on the CPU.
 """
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -64,7 +65,7 @@ def test_bf16_training_on_cuda_learns_and_reloads_on_cpu(run, tiny_base, small_t
 @pytest.fixture(scope="module")
 def gptq_pair(tiny_base, calib_text, tmp_path_factory):
     """The tiny base GPTQ-quantized on the CPU and on CUDA (same calibration, same seed)."""
-    from calora_cli.stages.common import RunOptions
+    from calora_cli.run import RunOptions
     from calora_cli.stages.compress import CompressSpec, compress_model
 
     root = tmp_path_factory.mktemp("gptq")
@@ -99,7 +100,7 @@ def test_recovery_on_a_gptq_base_on_cuda(run, gptq_pair, tiny_base, tiny_lora, s
               *TRAIN, "--steps", "6", "--distill-weight", "2", "-o", tmp_path / "rec", "--device", "cuda",
               "--dtype", dtype)
     print("recover", dtype, out)
-    assert out["final_loss"] == pytest.approx(out["final_loss"]) and out["steps"] == 6  # finite
+    assert math.isfinite(out["final_loss"]) and out["steps"] == 6
     on_gpu = ppl(run, gpu, small_text, tmp_path / "rec", "cuda")
     assert on_gpu == pytest.approx(ppl(run, gpu, small_text, tmp_path / "rec"), rel=1e-3)
 

@@ -17,7 +17,7 @@ SMALL = ["--steps", "4", "--batch-size", "4", "--seq-len", "32", "--lr", "3e-3",
 
 @pytest.fixture(scope="module")
 def pruned(tiny_base, tmp_path_factory):
-    from calora_cli.stages.common import RunOptions
+    from calora_cli.run import RunOptions
     from calora_cli.stages.compress import CompressSpec, compress_model
 
     out = tmp_path_factory.mktemp("dist-pruned") / "m"
@@ -59,8 +59,8 @@ def test_batch_must_split_evenly_over_processes(tiny_base, tmp_path):
 def test_resumed_sharded_run_equals_uninterrupted_single_process(tiny_base, tiny_lora, pruned, tmp_path):
     """FSDP checkpoints gather the shards whole and resume scatters them back: a 2-process run cut
     after 5 steps and resumed trains what one uninterrupted process does."""
-    from calora_cli.stages.common import RunOptions
-    from calora_cli.stages.recover import RecoverSpec, recover
+    from calora_cli.run import RunOptions
+    from calora_cli.methods.ca_lora.recover import RecoverSpec, recover
     from calora_cli.train import TrainConfig
 
     recover(tiny_lora, pruned, tiny_base, tiny_lora, TEXT, tmp_path / "one",
@@ -111,7 +111,7 @@ def test_a_skeleton_holds_no_weights_and_materializes_to_the_loaded_model(tiny_b
     does (same values), and once filled it computes exactly what the loaded model computes."""
     from calora_cli.artifacts import open_artifact
     from calora_cli.models import load_model, materialize, pending, skeleton
-    from calora_cli.stages.common import attach_adapter
+    from calora_cli.adapters import attach as attach_adapter
 
     ad = open_artifact(tiny_lora)
     loaded = attach_adapter(load_model(tiny_base), ad)
@@ -136,7 +136,7 @@ def test_fsdp_refuses_quantized_bases_and_names_missing_weights(tiny_base, tmp_p
     import shutil
 
     from calora_cli.errors import CaloraError
-    from calora_cli.models import materialize, skeleton
+    from calora_cli.sharded_load import materialize, skeleton
 
     quant = tmp_path / "q"
     shutil.copytree(tiny_base, quant)
@@ -158,7 +158,7 @@ def test_fsdp_refuses_quantized_bases_and_names_missing_weights(tiny_base, tmp_p
 def test_bare_cuda_under_a_launcher_means_the_local_ranks_gpu(monkeypatch):
     """`--device cuda` on 8 processes must not put all 8 on GPU 0 (checked without a GPU: CUDA mocked)."""
     from calora_cli.errors import CaloraError
-    from calora_cli.models import resolve_device
+    from calora_cli.runtime import resolve_device
 
     current = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)

@@ -3,7 +3,6 @@
 import json
 import shutil
 
-import torch
 from helpers import one_line_error
 from safetensors.torch import load_file, save_file
 

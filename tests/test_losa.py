@@ -8,8 +8,8 @@ from helpers import one_line_error
 from safetensors.torch import load_file
 
 from calora_cli.adapters.lora import factors_from_state
-from calora_cli.adapters.rank_allocation import allocate, resize
-from calora_cli.stages.common import RunOptions
+from calora_cli.methods.losa.ranks import allocate, resize
+from calora_cli.run import RunOptions
 from calora_cli.stages.compress import CompressSpec, compress_model
 
 

@@ -8,8 +8,8 @@ import torch
 from helpers import one_line_error
 from safetensors.torch import load_file, save_file
 
-from calora_cli.adapters.masked import apply_masks
-from calora_cli.stages.common import RunOptions
+from calora_cli.methods.losa.masks import apply_masks
+from calora_cli.run import RunOptions
 from calora_cli.stages.compress import CompressSpec, compress_model
 
 
@@ -115,13 +115,15 @@ def test_sharded_base_gives_sharded_output(cli, tiny_base, tiny_lora, tmp_path):
 
 def test_sparsify_reports_removed_energy_and_round_trips_masks(cli, pruned_base, tiny_lora, small_text, tmp_path):
     from calora_cli.artifacts import open_artifact
-    from calora_cli.stages.common import read_lora, stored_masks
+    from calora_cli.adapters import factors as adapter_factors
+    from calora_cli.adapters import is_kind
+    from calora_cli.methods.losa.format import stored_masks
 
     s = _ok(cli("sparsify-adapter", tiny_lora, "--base", pruned_base, "-o", tmp_path / "s", "--json"))
     art = open_artifact(tmp_path / "s")
     masks = stored_masks(art)
     base = _linears(pruned_base)
-    factors, masked = read_lora(art)
+    factors, masked = adapter_factors(art), is_kind(art, "masked")
     assert masked and len(masks) == 14
     energies = []
     for module, f in factors.items():
@@ -155,7 +157,7 @@ def test_masked_gradient_is_exact_through_the_mask(pruned_base, tiny_lora):
     from torch.func import functional_call
     from transformers import AutoModelForCausalLM
 
-    from calora_cli.adapters.masked import lora_layers
+    from calora_cli.methods.losa.masks import lora_layers
 
     x = torch.randint(0, 500, (2, 16), generator=torch.Generator().manual_seed(1))
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(pruned_base), tiny_lora, is_trainable=True)

@@ -9,7 +9,7 @@ from helpers import one_line_error
 from safetensors.torch import load_file
 
 from calora_cli.compress.gptq_format import dequantize, pack, quantize_rtn, round_onto_grid, unpack
-from calora_cli.stages.common import RunOptions
+from calora_cli.run import RunOptions
 from calora_cli.stages.compress import CompressSpec, compress_model
 
 GPTQ = dict(group_size=32, calib_samples=8, seq_len=64)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from calora_cli.adapters import nola
+from calora_cli.methods.nola import layer as nola
 
 
 def test_bases_are_pinned():
@@ -119,8 +119,9 @@ def _heldout_kl(model_dir, adapter, teacher_adapter, text):
     from calora_cli.artifacts import open_artifact
     from calora_cli.data import load_examples
     from calora_cli.models import load_model, load_tokenizer
-    from calora_cli.stages.common import attach_adapter
-    from calora_cli.stages.recover import RecoverSpec, distill_terms
+    from calora_cli.adapters import attach as attach_adapter
+    from calora_cli.distill import DistillSpec as RecoverSpec
+    from calora_cli.distill import distill_terms
 
     ex = load_examples(text, load_tokenizer(model_dir), 64)
     b = ex.batch(torch.arange(min(8, len(ex))))
@@ -158,7 +159,7 @@ def test_nola_compress_bad_inputs(cli, tiny_lora, tiny_base, small_text, tmp_pat
 
 
 def test_weight_fit_is_exact_when_the_bases_span_the_factors():
-    from calora_cli.adapters.nola_fit import fit
+    from calora_cli.methods.nola.fit import fit
 
     g = torch.Generator().manual_seed(0)
     r, d_in, d_out = 2, 6, 5
@@ -172,7 +173,7 @@ def test_weight_fit_is_exact_when_the_bases_span_the_factors():
 
 
 def test_weight_fit_of_a_generic_lora_leaves_most_of_it():
-    from calora_cli.adapters.nola_fit import fit
+    from calora_cli.methods.nola.fit import fit
 
     g = torch.Generator().manual_seed(1)
     r, d = 4, 64
@@ -204,7 +205,7 @@ def test_expand_export_loads_in_peft_and_the_weight_fit_recovers_a_nola_born_ada
 
     from calora_cli.artifacts import open_artifact
     from calora_cli.models import load_model
-    from calora_cli.stages.common import attach_adapter
+    from calora_cli.adapters import attach as attach_adapter
 
     _ok(cli("train", tiny_base, "-o", tmp_path / "n", "--data", small_text, *NOLA))
     _ok(cli("compress", tmp_path / "n", "-o", tmp_path / "lora", "--method", "expand", "--json"))

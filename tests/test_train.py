@@ -2,7 +2,6 @@
 
 import json
 
-import pytest
 import torch
 from helpers import one_line_error
 

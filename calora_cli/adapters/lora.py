@@ -1,4 +1,4 @@
-"""LoRA factors as peft stores them, and the weight deltas they stand for."""
+"""The plain LoRA kind: factors as peft stores them, the deltas they stand for, its files."""
 
 from __future__ import annotations
 
@@ -7,12 +7,11 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from calora_cli.arch import PEFT_PREFIX
 from calora_cli.errors import CaloraError
 
 if TYPE_CHECKING:
     import torch
-
-PREFIX = "base_model.model."
 
 
 @dataclass
@@ -54,7 +53,7 @@ def factors_from_state(state: dict[str, "torch.Tensor"], config: dict) -> dict[s
     for key, A in state.items():
         if ".lora_A." not in key:
             continue
-        module = key.split(".lora_A.")[0].removeprefix(PREFIX)
+        module = key.split(".lora_A.")[0].removeprefix(PEFT_PREFIX)
         bkey = key.replace(".lora_A.", ".lora_B.")
         if bkey not in state:
             raise CaloraError(f"adapter has {key} without its lora_B")
@@ -73,3 +72,59 @@ def factors_from_state(state: dict[str, "torch.Tensor"], config: dict) -> dict[s
     if not out:
         raise CaloraError("adapter holds no LoRA factors")
     return out
+
+
+# --- the kind (adapters registry) ----------------------------------------------------------------
+
+
+def detect(artifact) -> bool:
+    return True  # every adapter that no other kind claims is a peft LoRA
+
+
+def files(artifact) -> tuple[dict, dict]:
+    import json
+
+    from safetensors.torch import load_file
+
+    weights = artifact.path / "adapter_model.safetensors"
+    if not weights.exists():
+        raise CaloraError(f"adapter {artifact.path} has no adapter_model.safetensors")
+    return json.loads((artifact.path / "adapter_config.json").read_text()), load_file(weights)
+
+
+def factors(artifact) -> dict[str, LoraFactors]:
+    config, state = files(artifact)
+    return factors_from_state(state, config)
+
+
+def attach(model, artifact, trainable: bool = False):
+    from calora_cli.models import load_adapter
+
+    return load_adapter(model, artifact.path, trainable=trainable)
+
+
+def write(directory, config: dict, state: dict) -> None:
+    """A peft LoRA directory: adapter_model.safetensors and adapter_config.json (sorted keys)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file(state, directory / "adapter_model.safetensors", metadata={"format": "pt"})
+    (directory / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def save_trained(peft_model, directory, state_dict=None) -> None:
+    """A trained peft model's adapter, as peft writes it, with two changes: no model card (peft's
+    template names no base calora can vouch for), and target_modules sorted. peft keeps them in a
+    set and writes it in hash order, which changes with PYTHONHASHSEED: the same run in two
+    processes would write different bytes."""
+    import json
+
+    peft_model.save_pretrained(directory, state_dict=state_dict)
+    (directory / "README.md").unlink(missing_ok=True)
+    path = directory / "adapter_config.json"
+    config = json.loads(path.read_text())
+    if isinstance(config.get("target_modules"), list):
+        config["target_modules"] = sorted(config["target_modules"])
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

@@ -11,7 +11,8 @@ def quantize(src: Path, method: str, device: str = "cpu", dtype: str = "float32"
     """Load `src` quantized by bitsandbytes on `device` (the weights are quantized as they load)."""
     from transformers import BitsAndBytesConfig
 
-    from calora_cli.models import quantize_on_load, torch_dtype
+    from calora_cli.models import quantize_on_load
+    from calora_cli.runtime import torch_dtype
 
     if method == "nf4":
         cfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch_dtype(dtype))

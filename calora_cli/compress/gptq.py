@@ -15,30 +15,31 @@ from calora_cli.errors import CaloraError
 BITS = (4, 8)
 
 
+# group sizes the int4 CPU kernel (torch's _weight_int4pack_mm) and gptqmodel's CUDA kernels run; a
+# model quantized with another one compresses fine and then cannot be evaluated, so it is refused
+GROUP_SIZES = (32, 64, 128, 256)
+
+
 def in_features(config: dict) -> dict[str, int]:
-    """Input width of each linear of a Llama-style block, from its config.json."""
-    hidden = config["hidden_size"]
-    heads = config["num_attention_heads"]
-    head_dim = config.get("head_dim") or hidden // heads
-    return {
-        "q_proj/k_proj/v_proj/gate_proj/up_proj": hidden,
-        "o_proj": heads * head_dim,
-        "down_proj": config["intermediate_size"],
-    }
+    """Input width of each linear of a block, linears of equal width named together."""
+    from calora_cli.arch import linear_shapes
+
+    by_width: dict[int, list[str]] = {}
+    for name, (_, d_in) in linear_shapes(config).items():
+        by_width.setdefault(d_in, []).append(name)
+    return {"/".join(names): width for width, names in by_width.items()}
 
 
 def check_group_size(config: dict, group_size: int) -> None:
-    if group_size == -1:
-        return
-    if group_size < 1:
-        raise CaloraError(f"--group-size must be positive (or -1 for one group per row), got {group_size}")
-    for names, width in in_features(config).items():
+    widths = in_features(config)
+    fits = [g for g in GROUP_SIZES if all(w % g == 0 for w in widths.values())]
+    hint = f"; {' or '.join(map(str, fits))} would fit every layer" if fits else ""
+    if group_size not in GROUP_SIZES:
+        raise CaloraError(f"--group-size {group_size} is not one the GPTQ kernels run "
+                          f"({', '.join(map(str, GROUP_SIZES))}){hint}")
+    for names, width in widths.items():
         if width % group_size:
-            fits = [g for g in (32, 64, 128) if all(w % g == 0 for w in in_features(config).values())]
-            hint = f"; {' or '.join(map(str, fits))} would fit every layer" if fits else ""
-            raise CaloraError(
-                f"--group-size {group_size} does not divide the {width} input features of {names}{hint}"
-            )
+            raise CaloraError(f"--group-size {group_size} does not divide the {width} input features of {names}{hint}")
 
 
 def quantize(src: Path, bits: int, group_size: int, calib_texts: list[str], tokenizer, seed: int,

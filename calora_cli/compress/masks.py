@@ -51,3 +51,12 @@ def nm_mask(scores: "torch.Tensor", n: int, m: int) -> "torch.Tensor":
         raise CaloraError(f"N:M pattern with M={m} needs input features divisible by {m}, got {cols}")
     groups = scores.reshape(rows, cols // m, m)
     return ~lowest(groups, m - n, dim=2).view(rows, cols)
+
+
+def zeros(tensors) -> tuple[int, int]:
+    """(exact zeros, elements) over some tensors: what a sparsity is measured from."""
+    z = n = 0
+    for t in tensors:
+        z += int((t == 0).sum())
+        n += t.numel()
+    return z, n

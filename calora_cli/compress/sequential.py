@@ -2,14 +2,22 @@
 
 Capture the inputs of decoder block 0 for the calibration batch, then for each block: gather the
 statistics its linears need from one pass, compress them, run the block again so its outputs
-(with compression error included) become the next block's inputs. Memory holds the model once plus
-one block's activations.
+(with compression error included) become the next block's inputs.
+
+The blocks come from `blocks`: the decoder layers of a model in memory, or streaming.LayerSource's
+generator, which materializes one layer from the checkpoint at a time and writes and frees it once
+it is done; activations go through `keep` (a list, or streaming.Activations, which spills beyond a
+bound). The same code therefore runs in memory and streamed, and gives the same tensors.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator
+
+from calora_cli.arch import LAYERS_PREFIX, block_linears, decoder_layers
+from calora_cli.compress.masks import zeros
 
 if TYPE_CHECKING:
     import torch
@@ -19,22 +27,6 @@ Captured = list[tuple["torch.Tensor", dict]]
 
 class _Stop(Exception):
     pass
-
-
-def decoder_layers(model) -> "torch.nn.ModuleList":
-    inner = getattr(model, "model", model)
-    layers = getattr(inner, "layers", None)
-    if layers is None:
-        from calora_cli.errors import CaloraError
-
-        raise CaloraError(f"{type(model).__name__} has no decoder layers at model.layers; only Llama-style models are supported")
-    return layers
-
-
-def block_linears(block) -> dict[str, "torch.nn.Linear"]:
-    import torch
-
-    return {name: m for name, m in block.named_modules() if isinstance(m, torch.nn.Linear)}
 
 
 def capture_inputs(model, calib: "torch.Tensor", batch_size: int = 8) -> Captured:
@@ -64,15 +56,24 @@ def capture_inputs(model, calib: "torch.Tensor", batch_size: int = 8) -> Capture
     return captured
 
 
-def run_block(block, inputs: Captured) -> Captured:
+def block_outputs(block, inputs) -> Iterator[tuple["torch.Tensor", dict]]:
+    """The block's output for each micro-batch of inputs, one at a time."""
     import torch
 
-    out = []
     with torch.no_grad():
         for hs, kw in inputs:
             y = block(hs, **kw)
-            out.append((y[0] if isinstance(y, tuple) else y, kw))
-    return out
+            yield (y[0] if isinstance(y, tuple) else y), kw
+
+
+def run_block(block, inputs) -> Captured:
+    return list(block_outputs(block, inputs))
+
+
+def _release(activations) -> None:
+    """Drop a generation of activations (and its spilled files) once nothing reads it."""
+    if hasattr(activations, "drop"):
+        activations.drop()
 
 
 @dataclass
@@ -103,7 +104,7 @@ class InputStats:
         return 2 * self.xtx / self.tokens
 
 
-def collect_stats(block, inputs: Captured, needs: str | None) -> tuple[dict[str, InputStats], Captured]:
+def collect_stats(block, inputs, needs: str | None, keep: Callable = list) -> tuple[dict[str, InputStats], Captured]:
     """One pass of the block: statistics of every linear's inputs, and the block's (dense) outputs."""
     linears = block_linears(block)
     stats = {name: InputStats(needs) for name in linears}
@@ -111,7 +112,7 @@ def collect_stats(block, inputs: Captured, needs: str | None) -> tuple[dict[str,
         m.register_forward_hook(lambda mod, args, out, s=stats[name]: s.add(args[0])) for name, m in linears.items()
     ] if needs else []
     try:
-        outputs = run_block(block, inputs)
+        outputs = keep(block_outputs(block, inputs))
     finally:
         for h in handles:
             h.remove()
@@ -131,6 +132,8 @@ class BlockReport:
     rate: float | None
     sparsity: dict[str, float] = field(default_factory=dict)
     rel_error: float = 0.0
+    zeros: int = 0
+    elements: int = 0
 
 
 def prune_sequential(
@@ -141,45 +144,52 @@ def prune_sequential(
     needs: str | None,
     nm: tuple[int, int] | None,
     on_block: Callable[..., None] | None = None,
+    blocks=None,
+    keep: Callable = list,
 ) -> Iterator[BlockReport]:
     """Prune every linear of every decoder block in place; yield a report per block.
 
     Without calibration data (magnitude), blocks are pruned from their weights alone and no
-    output error is measured.
+    output error is measured. `blocks`/`keep`: see the module's docstring.
     """
     import torch
 
-    layers = decoder_layers(model)
-    inputs = capture_inputs(model, calib) if calib is not None else None
-    for i, block in enumerate(layers):
+    inputs = keep(capture_inputs(model, calib)) if calib is not None else None
+    for i, block in enumerate(decoder_layers(model) if blocks is None else blocks):
         report = BlockReport(i, rates[i])
         if inputs is not None:
-            stats, dense_out = collect_stats(block, inputs, needs)
+            stats, dense_out = collect_stats(block, inputs, needs, keep)
         else:
             stats, dense_out = {}, None
         with torch.no_grad():
             for name, lin in block_linears(block).items():
                 new = prune_fn(lin.weight.data, stats.get(name), rates[i], nm)
                 lin.weight.data.copy_(new)
-                report.sparsity[name] = (lin.weight.data == 0).sum().item() / lin.weight.numel()
+                z, n = zeros([lin.weight.data])
+                report.sparsity[name] = z / n
+                report.zeros += z
+                report.elements += n
         if inputs is not None:
-            inputs = run_block(block, inputs)
+            previous, inputs = inputs, keep(block_outputs(block, inputs))
+            _release(previous)
             report.rel_error = relative_error(dense_out, inputs)
+            _release(dense_out)
         if on_block is not None:
             on_block(1)
         yield report
 
 
-def input_grams(model, calib: "torch.Tensor") -> list["torch.Tensor"]:
+def input_grams(model, calib: "torch.Tensor", blocks=None, keep: Callable = list) -> list["torch.Tensor"]:
     """The n x n Gram matrix of each decoder block's input (each sample flattened), dense model."""
     import torch
 
     grams = []
-    inputs = capture_inputs(model, calib, batch_size=calib.shape[0])
-    for block in decoder_layers(model):
+    inputs = keep(capture_inputs(model, calib, batch_size=calib.shape[0]))
+    for block in decoder_layers(model) if blocks is None else blocks:
         x = torch.cat([hs.reshape(hs.shape[0], -1) for hs, _ in inputs]).double()
         grams.append(x @ x.T)
-        inputs = run_block(block, inputs)
+        previous, inputs = inputs, keep(block_outputs(block, inputs))
+        _release(previous)
     return grams
 
 
@@ -197,3 +207,24 @@ def block_errors(model, calib: "torch.Tensor", dense_block: Callable[[int], "tor
         inputs = run_block(block, inputs)
         errors.append(relative_error(reference, inputs))
     return errors
+
+
+def block_errors_against(model, src_weights: list[Path], calib) -> dict:
+    """Relative output error of each (compressed) block against the same block with the weights
+    stored in `src_weights` (the uncompressed model's safetensors files), read one block at a time."""
+    if calib is None:
+        return {}
+    from calora_cli.tensor_io import load_tensors
+
+    layer_cls = type(decoder_layers(model)[0])
+    config = model.config
+
+    def dense_block(i: int):
+        block = layer_cls(config, layer_idx=i)
+        prefix = f"{LAYERS_PREFIX}{i}."
+        state = load_tensors(src_weights, lambda name: name.startswith(prefix))
+        block.load_state_dict({k[len(prefix):]: v for k, v in state.items()})
+        return block.eval()
+
+    errs = block_errors(model, calib, dense_block)
+    return {"block_rel_error": errs, "mean_block_rel_error": sum(errs) / len(errs)}

@@ -3,19 +3,32 @@
 from __future__ import annotations
 
 import json
-import tempfile
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from calora_cli.artifacts import atomic_output, check_output, data_input, open_artifact, safetensors_files, write_manifest
-from calora_cli.compress import METHODS, PRUNERS, QUANTIZERS, pruner
-from calora_cli.compress.masks import parse_pattern
+from calora_cli.arch import check_supported
+from calora_cli.artifacts import (
+    atomic_output,
+    check_output,
+    data_input,
+    open_artifact,
+    safetensors_files,
+    write_manifest,
+)
+from calora_cli.compress import METHODS, PRUNERS, pruner
+from calora_cli.compress.masks import parse_pattern, zeros
+from calora_cli.compress.sequential import block_errors_against
 from calora_cli.data import read_text, tokenize_text
 from calora_cli.errors import CaloraError
-from calora_cli.models import load_model, load_tokenizer
+from calora_cli.models import load_tokenizer
 from calora_cli.progress import progress
-from calora_cli.stages.common import RunOptions, seed_everything
+from calora_cli.run import RunOptions, seed_everything
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass
@@ -31,6 +44,7 @@ class CompressSpec:
     calib_samples: int = 32
     seq_len: int = 256
     then: str | None = None
+    activation_gb: float = 2.0  # activations between layers kept in memory; beyond, spilled to disk
 
     def check(self, config: dict) -> tuple[int, int] | None:
         """Validate before any heavy work; return the N:M pattern (or None)."""
@@ -69,6 +83,8 @@ class CompressSpec:
         needs_calib = self.method in ("wanda", "sparsegpt", "gptq") or self.then == "gptq" or self.allocation == "rmi"
         if needs_calib and self.calib is None:
             raise CaloraError(f"--method {self.method} needs calibration text: pass --calib FILE")
+        if not self.activation_gb > 0:
+            raise CaloraError(f"--activation-memory must be positive (GB), got {self.activation_gb}")
         if self.calib_samples < 1 or self.seq_len < 2:
             raise CaloraError("--calib-samples must be at least 1 and --seq-len at least 2")
         return nm
@@ -102,6 +118,7 @@ def compress_model(model_dir: Path, out: Path, spec: CompressSpec, opts: RunOpti
     check_output(out, opts.force)
     src = open_artifact(model_dir, expect="model", role="model")
     config = json.loads((src.path / "config.json").read_text())
+    check_supported(config, src.path)
     nm = spec.check(config)
     calib_text = read_text(spec.calib) if spec.calib is not None else None
     tokenizer = load_tokenizer(src.path)
@@ -111,64 +128,88 @@ def compress_model(model_dir: Path, out: Path, spec: CompressSpec, opts: RunOpti
     metrics: dict = {}
 
     with atomic_output(out, opts.force) as tmp:
-        if spec.method in PRUNERS:
-            model = load_model(src.path, opts.device, opts.dtype)
-            metrics.update(_prune(model, calib, spec, nm, opts))
-            if spec.then == "gptq":
-                masks = _masks(model)
-                with tempfile.TemporaryDirectory(dir=tmp.parent, prefix=f"{out.name}.pruned-") as pruned_dir:
-                    model.save_pretrained(pruned_dir)
-                    del model
-                    model = _gptq(Path(pruned_dir), spec, tokenizer, calib, opts)
-                _reimpose_masks(model, masks, metrics)
-        elif spec.method == "gptq":
-            model = _gptq(src.path, spec, tokenizer, calib, opts)
+        if spec.method in PRUNERS and spec.then is None:
+            metrics.update(_prune(src, tmp, calib, spec, nm, opts))
         else:
-            from calora_cli.compress import bnb
+            _quantize(src, tmp, tokenizer, calib, spec, nm, opts, metrics)
+        _finish(tmp, src, spec, metrics)
+    return _summary(out, spec, t0, metrics)
 
-            model = bnb.quantize(src.path, spec.method, opts.device, opts.dtype)
-        if spec.method in QUANTIZERS or spec.then:
-            metrics.update(block_errors_against(model, src.path, calib))
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        if spec.method == "gptq" or spec.then == "gptq":
-            from calora_cli.compress.gptq import strip_calibration
 
-            strip_calibration(tmp / "config.json")
-        inputs = {"model": src.input_record()}
-        if spec.calib is not None:
-            inputs["calib"] = data_input(spec.calib)
-        write_manifest(tmp, kind="model", stage="compress", params=spec.params(), inputs=inputs,
-                       metrics=metrics, lineage=src.lineage)
+def _quantize(src, tmp: Path, tokenizer, calib, spec: CompressSpec, nm, opts: RunOptions, metrics: dict) -> None:
+    """GPTQ (after pruning with --then gptq) or bitsandbytes: through the libraries, which load the
+    model whole."""
+    if spec.method in PRUNERS:
+        # the pruned model lives inside the output's temp dir, so a killed run leaves none behind
+        pruned = tmp / ".pruned"
+        pruned.mkdir()
+        metrics.update(_prune(src, pruned, calib, spec, nm, opts))
+        masks = _masks(pruned)
+        model = _gptq(pruned, spec, tokenizer, calib, opts)
+        shutil.rmtree(pruned)
+        _reimpose_masks(model, masks, metrics)
+    elif spec.method == "gptq":
+        model = _gptq(src.path, spec, tokenizer, calib, opts)
+    else:
+        from calora_cli.compress import bnb
+
+        model = bnb.quantize(src.path, spec.method, opts.device, opts.dtype)
+    metrics.update(block_errors_against(model, src.weights, calib))
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    if spec.method == "gptq" or spec.then == "gptq":
+        from calora_cli.compress.gptq import strip_calibration
+
+        strip_calibration(tmp / "config.json")
+
+
+def _finish(tmp: Path, src, spec: CompressSpec, metrics: dict) -> None:
+    inputs = {"model": src.input_record()}
+    if spec.calib is not None:
+        inputs["calib"] = data_input(spec.calib)
+    write_manifest(tmp, kind="model", stage="compress", params=spec.params(), inputs=inputs, metrics=metrics,
+                   lineage=src.lineage)
+
+
+def _summary(out: Path, spec: CompressSpec, t0: float, metrics: dict) -> dict:
     size = sum(p.stat().st_size for p in safetensors_files(out))
     return {"output": str(out), "method": spec.method, "seconds": round(time.time() - t0, 2), "weights_bytes": size,
             **{k: v for k, v in metrics.items() if not isinstance(v, (dict, list))}}
 
 
-def _prune(model, calib, spec: CompressSpec, nm, opts: RunOptions) -> dict:
-    from calora_cli.compress import allocation
-    from calora_cli.compress.sequential import block_linears, decoder_layers, input_grams, prune_sequential
+def _prune(src, into: Path, calib, spec: CompressSpec, nm, opts: RunOptions) -> dict:
+    """Prune `src` into the directory `into`, one decoder layer at a time (streaming.py): the model
+    is never resident, and its checkpoint's dtype is kept on disk."""
+    from calora_cli.compress import sparsity_allocation as allocation
+    from calora_cli.compress.sequential import input_grams, prune_sequential
+    from calora_cli.runtime import resolve_device, torch_dtype
+    from calora_cli.streaming import LayerSource, LayerWriter, Spill
 
-    n_blocks = len(decoder_layers(model))
-    if spec.allocation == "rmi":
-        delta = spec.rmi_delta if spec.rmi_delta is not None else allocation.default_delta(spec.sparsity)
-        spec.rmi_delta = delta
-        imp = allocation.importance(allocation.cka_matrix(input_grams(model, calib)))
-        rates = allocation.rmi(spec.sparsity, imp, delta)
-    else:
-        rates = allocation.uniform(spec.sparsity, n_blocks)
-    method = pruner(spec.method)
-    reports = []
-    with progress(f"{spec.method}", n_blocks, opts.show_progress) as advance:
-        for r in prune_sequential(model, calib, rates, method.prune, method.NEEDS, nm, on_block=advance):
-            reports.append(r)
-    zeros = total = 0
-    for block in decoder_layers(model):
-        for lin in block_linears(block).values():
-            zeros += (lin.weight == 0).sum().item()
-            total += lin.weight.numel()
+    source = LayerSource(src.path, src.weights, torch_dtype(opts.dtype), resolve_device(opts.device))
+    spill = Spill(int(spec.activation_gb * 1e9), into / ".spill")
+    try:
+        n_blocks = len(source.layers)
+        if calib is not None:
+            source.embed()
+        if spec.allocation == "rmi":
+            delta = spec.rmi_delta if spec.rmi_delta is not None else allocation.default_delta(spec.sparsity)
+            spec.rmi_delta = delta
+            with progress("rmi statistics", n_blocks, opts.show_progress) as advance:
+                grams = input_grams(source.model, calib, blocks=_counted(source.blocks(), advance), keep=spill)
+            rates = allocation.rmi(spec.sparsity, allocation.importance(allocation.cka_matrix(grams)), delta)
+        else:
+            rates = allocation.uniform(spec.sparsity, n_blocks)
+        method = pruner(spec.method)
+        writer = LayerWriter(into, source)
+        with progress(f"{spec.method}", n_blocks, opts.show_progress) as advance:
+            reports = list(prune_sequential(source.model, calib, rates, method.prune, method.NEEDS, nm, on_block=advance,
+                                            blocks=source.blocks(writer), keep=spill))
+        writer.finish()
+    finally:
+        spill.remove()
+        source.close()
     out = {
-        "sparsity": zeros / total,
+        "sparsity": sum(r.zeros for r in reports) / sum(r.elements for r in reports),
         "layer_rates": [r.rate for r in reports],
         "layer_sparsity": [r.sparsity for r in reports],
     }
@@ -176,6 +217,12 @@ def _prune(model, calib, spec: CompressSpec, nm, opts: RunOptions) -> dict:
         out["block_rel_error"] = [r.rel_error for r in reports]
         out["mean_block_rel_error"] = sum(out["block_rel_error"]) / len(reports)
     return out
+
+
+def _counted(blocks, advance):
+    for block in blocks:
+        yield block
+        advance(1)
 
 
 def _gptq(src: Path, spec: CompressSpec, tokenizer, calib, opts: RunOptions):
@@ -186,47 +233,34 @@ def _gptq(src: Path, spec: CompressSpec, tokenizer, calib, opts: RunOptions):
         return gptq.quantize(src, spec.bits, spec.group_size, texts, tokenizer, opts.seed, opts.device, opts.dtype)
 
 
-def _masks(model) -> dict[str, "torch.Tensor"]:
-    """Keep-masks (weight != 0) of every linear in the decoder blocks, by module name."""
-    from calora_cli.compress.sequential import block_linears, decoder_layers
+def _masks(pruned: Path) -> dict[str, "torch.Tensor"]:
+    """Keep-masks (weight != 0) of every linear in the decoder blocks of a pruned checkpoint, by
+    "<layer>.<module path>" (as _reimpose_masks finds them), read one tensor at a time."""
+    from calora_cli.arch import LAYERS_PREFIX
+    from calora_cli.tensor_io import ShardReader
 
-    return {f"{i}.{name}": lin.weight != 0 for i, b in enumerate(decoder_layers(model)) for name, lin in block_linears(b).items()}
+    masks = {}
+    for f in safetensors_files(pruned):
+        with ShardReader(f) as r:
+            for name in r.names():
+                if name.startswith(LAYERS_PREFIX) and name.endswith(".weight") and len(r.header[name]["shape"]) == 2:
+                    layer, _, rest = name[len(LAYERS_PREFIX):].partition(".")
+                    masks[f"{layer}.{rest.removesuffix('.weight')}"] = r.get_tensor(name) != 0
+    return masks
 
 
 def _reimpose_masks(model, masks: dict, metrics: dict) -> None:
     """Put the pruned model's zeros back into the GPTQ codes; record how many GPTQ had filled."""
+    from calora_cli.arch import decoder_layers
     from calora_cli.compress.gptq import keep_zeros
-    from calora_cli.compress.sequential import decoder_layers
 
-    refilled = zeros = total = 0
+    refilled = zero = total = 0
     for i, block in enumerate(decoder_layers(model)):
         for name, m in block.named_modules():
             if hasattr(m, "qweight"):
                 refilled += keep_zeros(m, masks[f"{i}.{name}"])
-                w = m.dequantize_weight()  # (in, out)
-                zeros += int((w == 0).sum())
-                total += w.numel()
+                z, n = zeros([m.dequantize_weight()])
+                zero += z
+                total += n
     metrics["gptq_refilled_zeros"] = refilled
-    metrics["sparsity"] = zeros / total
-
-
-def block_errors_against(model, src: Path, calib) -> dict:
-    """Relative output error of each (compressed) block against the same block with the weights of `src`."""
-    if calib is None:
-        return {}
-    from calora_cli.compress.sequential import block_errors, decoder_layers
-
-    layer_cls = type(decoder_layers(model)[0])
-    config = model.config
-
-    def dense_block(i: int):
-        from calora_cli.tensor_io import load_tensors
-
-        block = layer_cls(config, layer_idx=i)
-        prefix = f"model.layers.{i}."
-        state = load_tensors(safetensors_files(src), lambda name: name.startswith(prefix))
-        block.load_state_dict({k[len(prefix):]: v for k, v in state.items()})
-        return block.eval()
-
-    errs = block_errors(model, calib, dense_block)
-    return {"block_rel_error": errs, "mean_block_rel_error": sum(errs) / len(errs)}
+    metrics["sparsity"] = zero / total

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from calora_cli import adapters
 from calora_cli.data import read_multiple_choice, read_text, tokenize_text
 from calora_cli.errors import CaloraError
 from calora_cli.models import load_model, load_tokenizer
 from calora_cli.progress import progress
-from calora_cli.stages.common import RunOptions, attach_adapter, open_model_and_adapter
+from calora_cli.run import RunOptions, open_model_and_adapter
 
 
 def evaluate(
@@ -39,7 +40,7 @@ def evaluate(
     tokenizer = load_tokenizer(model_dir)
     model = load_model(model_dir, opts.device, opts.dtype)
     if adapter_art is not None:
-        model = attach_adapter(model, adapter_art)
+        model = adapters.attach(model, adapter_art)
     model.eval()
 
     result: dict = {"model": str(model_dir), "adapter": str(adapter) if adapter else None}

@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 from calora_cli.artifacts import open_artifact, read_safetensors_header, verify
+from calora_cli.compress.masks import zeros
 
 
 def _tensor_counts(weights: list[Path]) -> tuple[int, dict[str, int]]:
@@ -33,7 +34,7 @@ def linear_sparsity(weights: list[Path]) -> dict[str, tuple[int, int]]:
                     continue
                 t = f.get_tensor(name)
                 if t.ndim == 2 and t.is_floating_point():
-                    out[name] = (int((t == 0).sum().item()), t.numel())
+                    out[name] = zeros([t])
     return out
 
 
@@ -75,9 +76,77 @@ def describe(path: Path, check: bool = False) -> dict:
                 "tensors": len(sp),
             }
     else:
+        from calora_cli.adapters import describe as adapter_kind
+
+        info["adapter_kind"] = adapter_kind(art)
         cfg = json.loads((art.path / "adapter_config.json").read_text())
         info["adapter"] = {k: cfg.get(k) for k in ("peft_type", "r", "lora_alpha", "target_modules")}
     if check:
         v = verify(art)
         info["verify"] = {"ok": v["ok"], "problems": v["problems"], "files_hashed": len(v["files"])}
     return info
+
+
+def _short(fp: str | None) -> str:
+    return (fp or "?").removeprefix("sha256:")[:12]
+
+
+def _size(n: float, unit: str = "B") -> str:
+    for prefix in ("", "K", "M", "G", "T"):
+        if abs(n) < 1000 or prefix == "T":
+            return f"{n:.0f} {prefix}{unit}" if prefix == "" else f"{n:.2f} {prefix}{unit}"
+        n /= 1000
+    return f"{n} {unit}"
+
+
+def _value(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    if isinstance(v, (list, tuple)):
+        return ", ".join(_value(x) for x in v[:8]) + (f", ... ({len(v)} in all)" if len(v) > 8 else "")
+    return str(v)
+
+
+def summary_rows(info: dict) -> list[tuple[str, str]]:
+    """What a person reads first about an artifact, as (label, text) rows; `--json` has everything."""
+    rows = [("kind", info["kind"] + (f" ({info['adapter_kind']})" if info.get("adapter_kind") else "")),
+            ("path", info["path"]), ("fingerprint", _short(info["fingerprint"]))]
+    if info.get("stage"):
+        p = info.get("params") or {}
+        shown = {k: v for k, v in p.items() if not isinstance(v, (dict, list)) and v is not None}
+        rows.append(("stage", info["stage"] + (" (" + ", ".join(f"{k}={_value(v)}" for k, v in shown.items()) + ")" if shown else "")))
+    else:
+        rows.append(("stage", "none (made outside calora; fingerprinted on the fly)"))
+    for role, rec in (info.get("inputs") or {}).items():
+        rows.append((f"input: {role}", f"{rec.get('path', '?')} ({_short(rec.get('fingerprint'))})"))
+    if info.get("base_fingerprint"):
+        rows.append(("made for base", _short(info["base_fingerprint"])))
+    dtypes = ", ".join(f"{d} {_size(n, '')}".rstrip() for d, n in sorted(info.get("dtypes", {}).items()))
+    rows.append(("size", f"{_size(info['bytes'])} in {info['files']} files; {_size(info['tensor_elements'], '')} "
+                         f"tensor elements ({dtypes})".replace("  ", " ")))
+    if info["kind"] == "model":
+        rows.append(("architecture", info.get("architecture", "?")))
+        q = info.get("quantization")
+        if q:
+            if q.get("quant_method") == "gptq":
+                rows.append(("quantization", f"GPTQ {q.get('bits')}-bit, group size {q.get('group_size')}"))
+            else:
+                rows.append(("quantization", ", ".join(f"{k}={v}" for k, v in q.items())))
+        else:
+            rows.append(("quantization", "none"))
+        sp = info.get("sparsity")
+        if sp:
+            rows.append(("sparsity", f"{sp['overall']:.2%} of block weights (per tensor {sp['min']:.2%} to {sp['max']:.2%}, "
+                                     f"{sp['tensors']} tensors)"))
+    elif info.get("adapter"):
+        a = info["adapter"]
+        targets = a.get("target_modules")
+        rows.append(("adapter", f"{a.get('peft_type')} rank {a.get('r')}, alpha {a.get('lora_alpha')}"
+                                + (f", on {', '.join(sorted(targets))}" if isinstance(targets, list) else f", on {targets}" if targets else "")))
+    for k, v in (info.get("metrics") or {}).items():
+        if not isinstance(v, dict):
+            rows.append((f"metric: {k}", _value(v)))
+    if "verify" in info:
+        v = info["verify"]
+        rows.append(("verify", f"ok ({v['files_hashed']} files hashed)" if v["ok"] else "FAILED: " + "; ".join(v["problems"])))
+    return rows

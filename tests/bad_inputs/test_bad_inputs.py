@@ -315,7 +315,7 @@ def _(t, base, lora, pruned):
 
 @pytest.fixture(scope="module")
 def pruned(tiny_base, tmp_path_factory):
-    from calora_cli.stages.common import RunOptions
+    from calora_cli.run import RunOptions
     from calora_cli.stages.compress import CompressSpec, compress_model
 
     out = tmp_path_factory.mktemp("bad-pruned") / "m"

@@ -1,11 +1,17 @@
 """Every stage, run twice with the same inputs and seed, writes byte-identical files (CPU).
 
-The documented exceptions (docs/cli.md) are GPU kernels; nothing here runs on a GPU.
+The two runs are two processes with different PYTHONHASHSEED (one in this process, one a fresh
+interpreter), so nothing may depend on set or dict-of-hash order, object ids or process state
+(peft's target_modules set was such a case). The documented exceptions (docs/cli.md) are GPU
+kernels; nothing here runs on a GPU.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -24,6 +30,8 @@ def stages(base: Path, lora: Path, pruned: Path, gptq: Path, nola: Path) -> dict
         "compress-wanda-rmi": ["compress", base, "--method", "wanda", "--sparsity", "0.5", "--allocation", "rmi", *calib],
         "compress-sparsegpt-2:4": ["compress", base, "--method", "sparsegpt", "--pattern", "2:4", *calib],
         "compress-gptq": ["compress", base, "--method", "gptq", "--group-size", "32", *calib],
+        "compress-wanda-then-gptq": ["compress", base, "--method", "wanda", "--sparsity", "0.5", "--then", "gptq",
+                                     "--group-size", "32", *calib],
         "compress-nf4": ["compress", base, "--method", "nf4"],
         "train-lora": ["train", base, "--data", TEXT, *SMALL, "--seed", "3"],
         "train-nola-4bit": ["train", base, "--data", TEXT, *SMALL, "--kind", "nola", "--bases", "16", "--coef-bits", "4"],
@@ -43,7 +51,7 @@ def stages(base: Path, lora: Path, pruned: Path, gptq: Path, nola: Path) -> dict
 
 @pytest.fixture(scope="module")
 def inputs(tiny_base, tiny_lora, tmp_path_factory):
-    from calora_cli.stages.common import RunOptions
+    from calora_cli.run import RunOptions
     from calora_cli.stages.compress import CompressSpec, compress_model
     from calora_cli.stages.finetune import train_lora
     from calora_cli.train import TrainConfig
@@ -63,11 +71,14 @@ def files(path: Path) -> dict[str, bytes]:
 @pytest.mark.parametrize("name", sorted(stages(*[Path()] * 5)))
 def test_stage_twice_gives_identical_bytes(cli, inputs, tmp_path, name):
     argv = stages(*inputs)[name]
-    outs = []
-    for run in ("a", "b"):
-        r = cli(*argv, "-o", tmp_path / run, "--json")
-        assert r.exit_code == 0, r.stderr
-        outs.append(files(tmp_path / run))
+    r = cli(*argv, "-o", tmp_path / "a", "--json")
+    assert r.exit_code == 0, r.stderr
+    other_seed = "4321" if os.environ.get("PYTHONHASHSEED") == "1234" else "1234"
+    env = {**os.environ, "PYTHONHASHSEED": other_seed, "HF_HUB_OFFLINE": "1", "GPTQMODEL_DISABLE_PACK_EXT": "1"}
+    p = subprocess.run([sys.executable, "-m", "calora_cli", *map(str, argv), "-o", str(tmp_path / "b"), "--quiet"],
+                       capture_output=True, text=True, env=env)
+    assert p.returncode == 0, p.stderr[-2000:]
+    outs = [files(tmp_path / "a"), files(tmp_path / "b")]
     assert outs[0].keys() == outs[1].keys()
     differ = [f for f in outs[0] if outs[0][f] != outs[1][f]]
     assert not differ, differ

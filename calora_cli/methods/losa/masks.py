@@ -10,12 +10,11 @@ from __future__ import annotations
 import types
 from typing import TYPE_CHECKING
 
+from calora_cli.arch import PEFT_PREFIX
 from calora_cli.errors import CaloraError
 
 if TYPE_CHECKING:
     import torch
-
-PREFIX = "base_model.model."
 
 
 def removed_energy(delta: "torch.Tensor", mask: "torch.Tensor") -> float:
@@ -60,7 +59,7 @@ def _masked_forward(self, x, *args, **kwargs):
 def lora_layers(peft_model) -> dict[str, "torch.nn.Module"]:
     """peft LoRA layers by the module name of the base they wrap (model.layers.0.self_attn.q_proj)."""
     return {
-        name.removeprefix(PREFIX): m
+        name.removeprefix(PEFT_PREFIX): m
         for name, m in peft_model.named_modules()
         if hasattr(m, "lora_A") and hasattr(m, "base_layer") and len(m.lora_A)
     }
@@ -72,7 +71,7 @@ def apply_masks(peft_model, stored: dict[str, "torch.Tensor"] | None = None) -> 
     `stored` masks (from a sparsified adapter) must equal the base's zeros: a base that changed
     since the adapter was made is refused. Returns the masks applied.
     """
-    from calora_cli.models import pending
+    from calora_cli.sharded_load import pending
 
     masks = {}
     if pending(peft_model):

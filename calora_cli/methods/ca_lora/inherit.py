@@ -8,26 +8,22 @@ compressed model with matching shapes are carried; the rest are reported.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
-from calora_cli.artifacts import atomic_output, check_output, open_artifact, read_safetensors_header, write_manifest
+from calora_cli import adapters
+from calora_cli.arch import PEFT_PREFIX, expected_shape
+from calora_cli.artifacts import (
+    atomic_output,
+    check_output,
+    open_artifact,
+    read_safetensors_header,
+    write_manifest,
+)
 from calora_cli.errors import CaloraError
-from calora_cli.stages.common import RunOptions, check_fits, lora_files, read_lora
+from calora_cli.run import RunOptions, check_fits
 
-
-def expected_shape(config: dict, module: str) -> tuple[int, int] | None:
-    """(out, in) of a Llama-style linear from config.json, for bases whose stored tensors are packed."""
-    hidden, inter = config.get("hidden_size"), config.get("intermediate_size")
-    heads = config.get("num_attention_heads")
-    if not (hidden and inter and heads):
-        return None
-    hd = config.get("head_dim") or hidden // heads
-    kv = config.get("num_key_value_heads") or heads
-    shapes = {
-        "q_proj": (heads * hd, hidden), "k_proj": (kv * hd, hidden), "v_proj": (kv * hd, hidden),
-        "o_proj": (hidden, heads * hd), "gate_proj": (inter, hidden), "up_proj": (inter, hidden), "down_proj": (hidden, inter),
-    }
-    return shapes.get(module.rsplit(".", 1)[-1])
+log = logging.getLogger(__name__)
 
 
 def base_module_shapes(base) -> tuple[dict[str, tuple[int, int] | None], bool]:
@@ -55,8 +51,8 @@ def inherit(adapter: Path, base: Path, out: Path, opts: RunOptions) -> dict:
     ad_art = open_artifact(adapter, expect="adapter", role="adapter")
     base_art = open_artifact(base, expect="model", role="base")
     check_fits(ad_art, base_art, opts)
-    factors, masked = read_lora(ad_art)
-    if masked:
+    factors = adapters.factors(ad_art)
+    if adapters.is_kind(ad_art, "masked"):
         raise CaloraError(f"adapter {adapter} is LoSA-masked to another base; inherit from the original LoRA")
     shapes, quantized = base_module_shapes(base_art)
     carried, skipped = [], {}
@@ -71,8 +67,8 @@ def inherit(adapter: Path, base: Path, out: Path, opts: RunOptions) -> dict:
     if not carried:
         first = next(iter(skipped.items()))
         raise CaloraError(f"no module of the adapter fits the compressed model ({first[0]}: {first[1]})")
-    config, state = lora_files(ad_art)  # a NOLA adapter is carried over expanded, as a plain LoRA
-    keep = {k: v for k, v in state.items() if k.split(".lora_")[0].removeprefix("base_model.model.") in carried}
+    config, state = adapters.lora_files(ad_art)  # a NOLA adapter is carried over expanded, as a plain LoRA
+    keep = {k: v for k, v in state.items() if k.split(".lora_")[0].removeprefix(PEFT_PREFIX) in carried}
     config["base_model_name_or_path"] = str(base_art.path)
     with atomic_output(out, opts.force) as tmp:
         save_file(keep, tmp / "adapter_model.safetensors", metadata={"format": "pt"})
@@ -82,5 +78,5 @@ def inherit(adapter: Path, base: Path, out: Path, opts: RunOptions) -> dict:
                        inputs={"adapter": ad_art.input_record(), "base": base_art.input_record()},
                        metrics=metrics, base_fingerprint=base_art.fingerprint)
     for module, why in skipped.items():
-        opts.warn(f"not carried over: {module} ({why})")
+        log.warning(f"not carried over: {module} ({why})")
     return {"output": str(out), "carried": len(carried), "skipped": len(skipped)}

@@ -7,13 +7,20 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from calora_cli import distributed
-from calora_cli.artifacts import atomic_output, check_output, data_input, open_artifact, write_manifest
+from calora_cli import adapters, distributed
+from calora_cli.adapters import lora
+from calora_cli.artifacts import (
+    atomic_output,
+    check_output,
+    data_input,
+    open_artifact,
+    write_manifest,
+)
+from calora_cli.distill import DistillSpec
 from calora_cli.errors import CaloraError
+from calora_cli.methods.losa import format as losa_format
 from calora_cli.progress import progress
-from calora_cli.stages.common import (MASKS_FILE, RunOptions, attach_adapter, check_fits, is_nola, lora_files, read_lora,
-                                      seed_everything, write_lora)
-from calora_cli.stages.recover import RecoverSpec
+from calora_cli.run import RunOptions, check_descends, check_fits, seed_everything
 from calora_cli.train import TrainConfig
 
 
@@ -36,10 +43,10 @@ class LosaSpec:
     rank_allocation: str = "uniform"
     max_rank: int | None = None  # default: twice the adapter's rank
     distill_from: Path | None = None  # the dense model the adapter was trained on: teacher = it + the adapter
-    distill: RecoverSpec = field(default_factory=RecoverSpec)
+    distill: DistillSpec = field(default_factory=DistillSpec)
 
     def check(self) -> None:
-        from calora_cli.adapters.rank_allocation import MODES
+        from calora_cli.methods.losa.ranks import MODES
 
         if self.rank_allocation not in MODES:
             raise CaloraError(f"--rank-allocation must be one of {', '.join(MODES)}, got {self.rank_allocation!r}")
@@ -50,9 +57,7 @@ class LosaSpec:
 
 def sparsify_adapter(adapter: Path, base: Path, out: Path, opts: RunOptions, data: Path | None = None,
                      cfg: TrainConfig | None = None, losa: LosaSpec | None = None) -> dict:
-    from safetensors.torch import save_file
-
-    from calora_cli.adapters.masked import pack, removed_energy
+    from calora_cli.methods.losa.masks import removed_energy
 
     check_output(out, opts.force)
     losa = losa or LosaSpec()
@@ -66,7 +71,7 @@ def sparsify_adapter(adapter: Path, base: Path, out: Path, opts: RunOptions, dat
     if json.loads((base_art.path / "config.json").read_text()).get("quantization_config"):
         raise CaloraError("sparsify-adapter needs a pruned, unquantized base (its zeros define the masks)")
     check_fits(ad_art, base_art, opts)
-    factors, _ = read_lora(ad_art)
+    factors = adapters.factors(ad_art)
     masks = base_masks(base_art, sorted(factors))
     for m, f in factors.items():
         if masks[m].shape != (f.B.shape[0], f.A.shape[1]):
@@ -84,7 +89,7 @@ def sparsify_adapter(adapter: Path, base: Path, out: Path, opts: RunOptions, dat
 
     with atomic_output(out, opts.force) as tmp:
         if data is None:
-            write_lora(tmp, *lora_files(ad_art))  # a NOLA adapter becomes its expanded LoRA
+            lora.write(tmp, *adapters.lora_files(ad_art))  # a NOLA adapter becomes its expanded LoRA
         else:
             cfg = cfg or TrainConfig()
             teacher = _teacher(losa, base_art, opts)
@@ -94,11 +99,7 @@ def sparsify_adapter(adapter: Path, base: Path, out: Path, opts: RunOptions, dat
             if teacher is not None:
                 params.update(distill=losa.distill.distill, distill_weight=losa.distill.distill_weight,
                               temperature=losa.distill.temperature)
-        packed = {m: pack(mask) for m, mask in masks.items()}
-        shapes = json.dumps({m: list(mask.shape) for m, mask in masks.items()}, sort_keys=True)
-        # one metadata key only: safetensors writes metadata in hash-map order, so two keys would
-        # make the file's bytes differ from run to run
-        save_file(packed, tmp / MASKS_FILE, metadata={"shapes": shapes})
+        losa_format.save(tmp, masks)
         inputs = {"adapter": ad_art.input_record(), "base": base_art.input_record()}
         if data is not None:
             inputs["data"] = data_input(data)
@@ -106,7 +107,7 @@ def sparsify_adapter(adapter: Path, base: Path, out: Path, opts: RunOptions, dat
             inputs["distill_from"] = open_artifact(losa.distill_from, expect="model", role="teacher").input_record()
         write_manifest(tmp, kind="adapter", stage="sparsify-adapter", params=params, inputs=inputs, metrics=metrics,
                        base_fingerprint=base_art.fingerprint,
-                       extra_files={MASKS_FILE: "LoSA masks: base weight != 0 per adapted module, packed bits (np.packbits)"})
+                       extra_files={losa_format.MASKS_FILE: losa_format.MASKS_NOTE})
     return {"output": str(out), "mean_removed_energy": metrics["mean_removed_energy"], "base_sparsity": metrics["base_sparsity"],
             **{k: v for k, v in metrics.items() if k in ("first_loss", "final_loss", "block_ranks", "distributed")}}
 
@@ -116,8 +117,7 @@ def _teacher(losa: LosaSpec, base_art, opts: RunOptions):
     if losa.distill_from is None:
         return None
     t_art = open_artifact(losa.distill_from, expect="model", role="teacher")
-    if t_art.fingerprint not in base_art.lineage and not opts.allow_base_mismatch:
-        raise CaloraError(f"{base_art.path} was not pruned from {losa.distill_from}; pass --allow-base-mismatch to use it anyway")
+    check_descends(base_art, t_art, "pruned from", opts)
     return t_art
 
 
@@ -132,8 +132,8 @@ def _block_errors(base_art, teacher, model, examples, opts: RunOptions) -> list[
     if teacher is None:
         raise CaloraError(f"base {base_art.path} records no block errors (not pruned by calora compress with calibration "
                           "text): pass --distill-from ORIGINAL to measure them")
-    from calora_cli.models import pending
-    from calora_cli.stages.compress import block_errors_against
+    from calora_cli.compress.sequential import block_errors_against
+    from calora_cli.sharded_load import pending
 
     if pending(model):
         raise CaloraError(f"base {base_art.path} records no block errors, and under FSDP they cannot be measured "
@@ -141,15 +141,15 @@ def _block_errors(base_art, teacher, model, examples, opts: RunOptions) -> list[
                           "or run with CALORA_DISTRIBUTED=ddp")
 
     calib = examples.batch(torch.arange(min(8, len(examples))))["input_ids"]
-    return block_errors_against(model, teacher.path, calib)["block_rel_error"]
+    return block_errors_against(model, teacher.weights, calib)["block_rel_error"]
 
 
 def _allocated_adapter(ad_art, errors: list[float], losa: LosaSpec, seed: int, into: Path) -> tuple[Path, list[int]]:
     """The adapter resized to error-allocated ranks, written to `into` for peft to load."""
-    from calora_cli.adapters import rank_allocation
+    from calora_cli.methods.losa import ranks as rank_allocation
 
-    config, state = lora_files(ad_art)
-    factors, _ = read_lora(ad_art)
+    config, state = adapters.lora_files(ad_art)
+    factors = adapters.factors(ad_art)
     ranks_seen = {f.A.shape[0] for f in factors.values()}
     if len(ranks_seen) != 1:
         raise CaloraError(f"--rank-allocation error needs an adapter with one rank everywhere, found {sorted(ranks_seen)}")
@@ -157,17 +157,17 @@ def _allocated_adapter(ad_art, errors: list[float], losa: LosaSpec, seed: int, i
     ranks = rank_allocation.allocate(errors, r, losa.max_rank or 2 * r)
     per_module = {m: ranks[rank_allocation.block_of(m)] for m in factors}
     state, config = rank_allocation.resize(state, config, per_module, seed)
-    write_lora(into, config, state)
+    lora.write(into, config, state)
     return into, ranks
 
 
 def _train_masked(base_art, ad_art, data: Path, cfg: TrainConfig, losa: LosaSpec, teacher, opts: RunOptions, tmp: Path) -> dict:
     """LoSA fine-tuning: the LoRA trains with its delta masked in every forward pass, optionally at
     error-allocated ranks and with distillation from the dense model + the original adapter."""
-    from calora_cli.adapters.masked import apply_masks
     from calora_cli.data import batches, load_examples
+    from calora_cli.distill import load_teacher, make_loss
+    from calora_cli.methods.losa.masks import apply_masks
     from calora_cli.models import load_adapter, load_model, load_tokenizer
-    from calora_cli.stages.recover import make_loss
     from calora_cli.train import causal_lm_loss, train_loop
 
     examples = load_examples(data, load_tokenizer(base_art.path), cfg.seq_len)
@@ -175,9 +175,9 @@ def _train_masked(base_art, ad_art, data: Path, cfg: TrainConfig, losa: LosaSpec
     model = load_model(base_art.path, opts.device, opts.dtype, shardable=True)
     metrics: dict = {}
     source = ad_art.path
-    if is_nola(ad_art):  # LoSA trains A and B themselves: a NOLA adapter trains as its expanded LoRA
+    if adapters.kind_of(ad_art) == "nola":  # LoSA trains A and B themselves: a NOLA adapter trains as its expanded LoRA
         source = tmp / ".resized"
-        write_lora(source, *lora_files(ad_art))
+        lora.write(source, *adapters.lora_files(ad_art))
     if losa.rank_allocation == "error":
         errors = _block_errors(base_art, teacher, model, examples, opts)
         source, ranks = _allocated_adapter(ad_art, errors, losa, cfg.seed, tmp / ".resized")
@@ -186,14 +186,11 @@ def _train_masked(base_art, ad_art, data: Path, cfg: TrainConfig, losa: LosaSpec
     apply_masks(model)
     loss_fn = causal_lm_loss
     if teacher is not None:
-        teacher_model = attach_adapter(load_model(teacher.path, opts.device, opts.dtype, shardable=True), ad_art)
-        teacher_model.requires_grad_(False).eval()
-        distributed.shard_model(teacher_model, teacher_model.device)  # under FSDP the teacher is sharded too
+        teacher_model = load_teacher(teacher, ad_art, opts)
         loss_fn = make_loss(teacher_model, losa.distill)
     with progress("losa", cfg.steps, opts.show_progress) as advance:
         metrics.update(train_loop(model, model.parameters(), batches(examples, cfg.batch_size, cfg.seed), cfg,
                                   loss_fn=loss_fn, on_step=advance))
-    model.save_pretrained(tmp, state_dict=distributed.adapter_state(model))
-    (tmp / "README.md").unlink(missing_ok=True)
+    lora.save_trained(model, tmp, distributed.adapter_state(model))
     shutil.rmtree(tmp / ".resized", ignore_errors=True)
     return metrics

@@ -1,6 +1,6 @@
 """`calora compress ADAPTER --method nola|expand`: a LoRA into NOLA coefficients, and back.
 
-LoRA -> NOLA starts from the weight fit (alternating least squares, adapters/nola_fit.py), which is
+LoRA -> NOLA starts from the weight fit (alternating least squares, fit.py), which is
 exact for adapters that were NOLA to begin with but leaves a relative error near 1 for a generic
 LoRA (a random k-dimensional subspace holds only about k/(r*d) of a factor). So the default is
 then distillation: alpha and beta train so that base + NOLA matches base + LoRA (the teacher) on
@@ -12,16 +12,28 @@ NOLA -> LoRA (`--method expand`) writes the expanded A and B as a plain peft LoR
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from calora_cli.artifacts import atomic_output, check_output, data_input, open_artifact, write_manifest
+from calora_cli import adapters
+from calora_cli.adapters import lora
+from calora_cli.artifacts import (
+    atomic_output,
+    check_output,
+    data_input,
+    open_artifact,
+    write_manifest,
+)
+from calora_cli.distill import DistillSpec, distill_terms, load_teacher
 from calora_cli.errors import CaloraError
+from calora_cli.methods.nola import format as nola_format
 from calora_cli.progress import progress
-from calora_cli.stages.common import NOLA_FILE, RunOptions, attach_adapter, check_fits, is_nola, read_lora, seed_everything
-from calora_cli.stages.recover import RecoverSpec, distill_terms
+from calora_cli.run import RunOptions, check_fits, seed_everything
 from calora_cli.train import TrainConfig, train_loop
+
+log = logging.getLogger(__name__)
 
 INITS = ("als", "zero")
 HELD_OUT = 0.1  # share of the examples kept out of distillation for the report
@@ -37,7 +49,7 @@ class NolaSpec:
     shared: bool = True
 
     def check(self) -> None:
-        from calora_cli.adapters.nola import COEF_BITS
+        from calora_cli.methods.nola.layer import COEF_BITS
 
         if min(self.bases) < 1:
             raise CaloraError(f"--bases must be positive, got {self.bases}")
@@ -49,12 +61,12 @@ class NolaSpec:
             raise CaloraError(f"--steps must be >= 0, got {self.steps}")
         if self.steps == 0 and self.init == "zero":
             raise CaloraError("--steps 0 --init zero would store an empty adapter: use --init als or train")
-        RecoverSpec(distill=self.distill).check()
+        DistillSpec(distill=self.distill).check()
 
 
 def _source(adapter: Path, base: Path | None, opts: RunOptions):
     ad = open_artifact(adapter, expect="adapter", role="adapter")
-    if is_nola(ad):
+    if nola_format.detect(ad):
         raise CaloraError(f"adapter {adapter} is already a NOLA adapter")
     if base is None:
         recorded = (ad.manifest or {}).get("inputs", {}).get("base", {}).get("path")
@@ -63,8 +75,8 @@ def _source(adapter: Path, base: Path | None, opts: RunOptions):
         base = Path(recorded)
     base_art = open_artifact(base, expect="model", role="base")
     check_fits(ad, base_art, opts)
-    factors, masked = read_lora(ad)
-    if masked:
+    factors = adapters.factors(ad)
+    if adapters.is_kind(ad, "masked"):
         raise CaloraError("LoSA-masked adapters cannot be compressed into NOLA (the mask is not a low-rank basis)")
     ranks = {f.A.shape[0] for f in factors.values()}
     scales = {round(f.scale, 12) for f in factors.values()}
@@ -75,7 +87,7 @@ def _source(adapter: Path, base: Path | None, opts: RunOptions):
 
 def weight_fit(layers: dict, factors: dict) -> dict[str, float]:
     """Load each layer with the ALS fit of its LoRA factors; returns each fit's relative delta-W error."""
-    from calora_cli.adapters import nola_fit
+    from calora_cli.methods.nola import fit as nola_fit
 
     errors = {}
     for m, f in sorted(factors.items()):
@@ -119,7 +131,7 @@ def output_errors(student, teacher, layers: dict, factors: dict, held) -> dict:
                 nll["teacher"] += float(out_t.loss) * n
                 tokens += n
                 m = int(batch["attention_mask"].sum())
-                kl += float(distill_terms(out_s, out_t, batch["attention_mask"], RecoverSpec("logits"))) * m
+                kl += float(distill_terms(out_s, out_t, batch["attention_mask"], DistillSpec("logits"))) * m
                 real += m
     finally:
         for h in handles:
@@ -140,11 +152,10 @@ def compress_lora(adapter: Path, out: Path, data: Path, cfg: TrainConfig, spec: 
                   base: Path | None = None) -> dict:
     import torch
 
-    from calora_cli.adapters import nola
     from calora_cli.data import batches, load_examples
+    from calora_cli.methods.nola import layer as nola
     from calora_cli.models import load_model, load_tokenizer
-    from calora_cli.distributed import sharded
-    from calora_cli.stages.finetune import save_nola
+    from calora_cli.ranks import sharded
 
     check_output(out, opts.force)
     spec.check()
@@ -163,8 +174,7 @@ def compress_lora(adapter: Path, out: Path, data: Path, cfg: TrainConfig, spec: 
     held_idx = torch.arange(len(examples) - n_held, len(examples)) if n_held else torch.arange(len(examples))
 
     seed_everything(cfg.seed)
-    teacher = attach_adapter(load_model(base_art.path, opts.device, opts.dtype), ad)
-    teacher.requires_grad_(False).eval()
+    teacher = load_teacher(base_art, ad, opts)
     student = load_model(base_art.path, opts.device, opts.dtype)
     layers = nola.attach(student, targets, rank, k, l, alpha, cfg.seed, spec.shared)
     missing = sorted(set(factors) - set(layers))
@@ -177,11 +187,11 @@ def compress_lora(adapter: Path, out: Path, data: Path, cfg: TrainConfig, spec: 
             fit_err = weight_fit(layers, factors)
         metrics.update(fit_delta_rel_error=fit_err, mean_fit_delta_rel_error=sum(fit_err.values()) / len(fit_err))
         if metrics["mean_fit_delta_rel_error"] > 0.5:
-            opts.warn(f"the weight fit leaves a relative delta-W error of {metrics['mean_fit_delta_rel_error']:.3f}: "
+            log.warning(f"the weight fit leaves a relative delta-W error of {metrics['mean_fit_delta_rel_error']:.3f}: "
                       "expected for a LoRA that was not NOLA (a random subspace holds little of it); "
                       + ("distillation follows" if spec.steps else "distil with --steps N to match its behaviour"))
     if spec.steps:
-        distill = RecoverSpec(distill=spec.distill)
+        distill = DistillSpec(distill=spec.distill)
         hidden = distill.distill in ("hidden", "both")
 
         def loss_fn(model, batch):
@@ -213,11 +223,11 @@ def compress_lora(adapter: Path, out: Path, data: Path, cfg: TrainConfig, spec: 
     )
     params = {"from_lora": True, "distill": spec.distill, "init": spec.init, "distill_steps": spec.steps,
               **{key: v for key, v in cfg.as_params().items() if key not in ("seed", "steps")}}
-    save_nola(out, opts, layers, rank, alpha, k, l, spec.shared, cfg.seed, targets, params, metrics, stage="compress",
-              inputs={"adapter": ad.input_record(), "base": base_art.input_record(), "data": data_input(data)},
-              base_fingerprint=base_art.fingerprint, coef_bits=spec.coef_bits)
+    nola_format.save(out, opts, layers, rank, alpha, k, l, spec.shared, cfg.seed, targets, params, metrics, stage="compress",
+                     inputs={"adapter": ad.input_record(), "base": base_art.input_record(), "data": data_input(data)},
+                     base_fingerprint=base_art.fingerprint, coef_bits=spec.coef_bits)
     lora_bytes = sum(p.stat().st_size for p in ad.weights)
-    nola_bytes = (out / NOLA_FILE).stat().st_size
+    nola_bytes = (out / nola_format.NOLA_FILE).stat().st_size
     keys = ("first_loss", "final_loss", "compression_ratio", "mean_delta_weight_rel_error", "mean_fit_delta_rel_error",
             "mean_output_rel_error", "heldout_kl", "heldout_ppl_nola", "heldout_ppl_lora")
     return {"output": str(out), **{key: metrics[key] for key in keys if key in metrics},
@@ -226,19 +236,17 @@ def compress_lora(adapter: Path, out: Path, data: Path, cfg: TrainConfig, spec: 
 
 def expand_nola(adapter: Path, out: Path, opts: RunOptions) -> dict:
     """A NOLA adapter as a plain peft LoRA directory (A, B expanded from the seed), which peft loads."""
-    from calora_cli.stages.common import lora_files, write_lora
-
     check_output(out, opts.force)
     ad = open_artifact(adapter, expect="adapter", role="adapter")
-    if not is_nola(ad):
+    if not nola_format.detect(ad):
         raise CaloraError(f"--method expand takes a NOLA adapter; {adapter} is a plain LoRA already")
-    config, state = lora_files(ad)
+    config, state = nola_format.files(ad)
     p = ad.manifest["params"]
     inputs = {"adapter": ad.input_record()}
     if "base" in ad.manifest.get("inputs", {}):
         inputs["base"] = ad.manifest["inputs"]["base"]  # what the NOLA adapter was made on, for later stages
     with atomic_output(out, opts.force) as tmp:
-        write_lora(tmp, config, state)
+        lora.write(tmp, config, state)
         write_manifest(tmp, kind="adapter", stage="compress", params={"method": "expand", "kind": "lora", "rank": p["rank"],
                        "alpha": p["alpha"], "targets": p["targets"]}, inputs=inputs,
                        metrics={"lora_params": sum(t.numel() for t in state.values())}, base_fingerprint=ad.base_fingerprint)

@@ -75,7 +75,8 @@ def resize(state: dict, config: dict, ranks: dict[str, int], seed: int) -> tuple
     """A peft LoRA (state dict, config) with module m at rank ranks[m] and its scale unchanged."""
     import torch
 
-    from calora_cli.adapters.lora import PREFIX, factors_from_state
+    from calora_cli.adapters.lora import factors_from_state
+    from calora_cli.arch import PEFT_PREFIX
 
     factors = factors_from_state(state, config)
     generator = torch.Generator().manual_seed(seed)
@@ -85,7 +86,7 @@ def resize(state: dict, config: dict, ranks: dict[str, int], seed: int) -> tuple
         f, k = factors[module], ranks[module]
         r = f.A.shape[0]
         A, B = (f.A, f.B) if k == r else _truncate(f.A, f.B, k) if k < r else _grow(f.A, f.B, k, generator)
-        key = next(n for n in state if n.startswith(PREFIX + module + ".lora_A."))
+        key = next(n for n in state if n.startswith(PEFT_PREFIX + module + ".lora_A."))
         new_state[key], new_state[key.replace(".lora_A.", ".lora_B.")] = A.contiguous(), B.contiguous()
         rank_pattern[module] = k
         alpha_pattern[module] = f.scale * (math.sqrt(k) if config.get("use_rslora") else k)

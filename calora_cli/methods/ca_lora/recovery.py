@@ -10,6 +10,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from calora_cli.arch import adapted_linears
+from calora_cli.distributed import full
+from calora_cli.errors import CaloraError
+
 
 class Recovery(nn.Module):
     def __init__(self, d_in: int, d_out: int, rank: int, alpha: float):
@@ -23,23 +27,6 @@ class Recovery(nn.Module):
         return self.scale * self.U(nn.functional.gelu(self.D(x.to(self.D.weight.dtype))))
 
 
-def block_linears(model) -> dict[str, nn.Module]:
-    """Every linear-like layer inside the decoder blocks, outermost wrapper only (peft LoRA layer,
-    GPTQ/bnb quantized linear or nn.Linear), by its module path in the base model."""
-    out = {}
-    for name, m in model.named_modules():
-        if ".layers." not in name or not hasattr(m, "in_features") or not hasattr(m, "out_features"):
-            continue
-        clean = name.removeprefix("base_model.model.")
-        parent = clean.rsplit(".", 1)[0]
-        if any(parent == p or parent.startswith(p + ".") for p in out):
-            continue  # inside an already-taken wrapper (peft's base_layer, lora_A, ...)
-        if "lora_" in clean or clean.endswith("base_layer"):
-            continue
-        out[clean] = m
-    return out
-
-
 def attach(model, rank: int, alpha: float, seed: int | None = None) -> nn.ModuleDict:
     """Add a recovery module beside each block linear; its output is added to the linear's.
 
@@ -48,7 +35,7 @@ def attach(model, rank: int, alpha: float, seed: int | None = None) -> nn.Module
     if seed is not None:
         torch.manual_seed(seed)
     modules = nn.ModuleDict()
-    for name, layer in block_linears(model).items():
+    for name, layer in adapted_linears(model).items():
         rec = Recovery(layer.in_features, layer.out_features, rank, alpha)
         weight = next((p for p in layer.parameters() if p.is_floating_point()), None)
         if weight is not None:
@@ -60,15 +47,11 @@ def attach(model, rank: int, alpha: float, seed: int | None = None) -> nn.Module
 
 
 def state(modules: nn.ModuleDict) -> dict[str, "torch.Tensor"]:
-    from calora_cli.distributed import full
-
     return {f"{k.replace('__', '.')}.{p}": full(v).detach().contiguous() for k, m in modules.items() for p, v in
             (("D", m.D.weight), ("U", m.U.weight))}
 
 
 def load_state(modules: nn.ModuleDict, tensors: dict[str, "torch.Tensor"]) -> None:
-    from calora_cli.errors import CaloraError
-
     for k, m in modules.items():
         name = k.replace("__", ".")
         for p, lin in (("D", m.D), ("U", m.U)):

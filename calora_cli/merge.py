@@ -9,15 +9,27 @@ fresh grid with the same bits, group size and groups (peft refuses to merge into
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from calora_cli.artifacts import MANIFEST, atomic_output, check_output, open_artifact, read_safetensors_header, write_manifest
+from calora_cli.adapters import factors as adapter_factors
+from calora_cli.adapters import is_kind
+from calora_cli.artifacts import (
+    MANIFEST,
+    atomic_output,
+    check_output,
+    open_artifact,
+    read_safetensors_header,
+    write_manifest,
+)
 from calora_cli.errors import CaloraError
 from calora_cli.progress import progress
-from calora_cli.stages.common import RunOptions, check_fits, has_recovery, read_lora
+from calora_cli.run import RunOptions, check_fits
 from calora_cli.tensor_io import ShardReader, dtype_code, tensor_names, write_tensors
+
+log = logging.getLogger(__name__)
 
 
 GRIDS = ("fresh", "keep")
@@ -92,7 +104,11 @@ class _Folder:
     def requantized(self, module: str, parts: dict, gptq: Gptq) -> dict:
         import torch
 
-        from calora_cli.compress.gptq_format import dequantize, quantize_rtn, round_onto_grid
+        from calora_cli.compress.gptq_format import (
+            dequantize,
+            quantize_rtn,
+            round_onto_grid,
+        )
 
         W = dequantize(parts, gptq.bits, gptq.v1)
         delta = self.delta(module, W)
@@ -191,10 +207,10 @@ def merge(base: Path, adapters: list[Path], out: Path, opts: RunOptions, weights
         raise CaloraError(f"--grid must be one of {', '.join(GRIDS)}, got {grid!r}")
     gptq = _quantization(config, grid)
     if dense and gptq is None:
-        opts.warn("--dense has no effect: the base is not quantized")
+        log.warning("--dense has no effect: the base is not quantized")
     arts = [open_artifact(a, expect="adapter", role="adapter") for a in adapters]
     for art in arts:
-        if has_recovery(art):
+        if is_kind(art, "recovery"):
             raise CaloraError(
                 f"adapter {art.path} carries CA-LoRA recovery modules, which are non-linear (GELU) and cannot be folded "
                 "into weights; deploy the compressed model with the adapter attached (calora eval --adapter)"
@@ -203,9 +219,8 @@ def merge(base: Path, adapters: list[Path], out: Path, opts: RunOptions, weights
     masked_any = False
     for art, w in zip(arts, weights):
         check_fits(art, base_art, opts)
-        factors, masked = read_lora(art)
-        masked_any |= masked
-        for module, f in factors.items():
+        masked_any |= is_kind(art, "masked")
+        for module, f in adapter_factors(art).items():
             plan.setdefault(module, []).append((w, f))
     keep = keep_sparsity or masked_any
     suffix = ".qweight" if gptq else ".weight"
@@ -246,7 +261,7 @@ def merge(base: Path, adapters: list[Path], out: Path, opts: RunOptions, weights
     # a GPTQ layer's zero codes are values, not pruning, unless the base was pruned before GPTQ
     pruned = gptq is None or bool((base_art.manifest or {}).get("params", {}).get("sparsity"))
     if metrics["zeros_filled"] and not keep and pruned:
-        opts.warn(f"the merge filled {metrics['zeros_filled']} zeros of the base's adapted layers "
+        log.warning(f"the merge filled {metrics['zeros_filled']} zeros of the base's adapted layers "
                   f"(sparsity {metrics['sparsity_before']:.1%} -> {metrics['sparsity_after']:.1%}); "
                   "use --keep-sparsity or a sparsified adapter to keep them")
     return {"output": str(out), **metrics}

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
-from calora_cli.adapters.nola import chunks
 from calora_cli.errors import CaloraError
+from calora_cli.methods.nola.layer import chunks
 
 MAX_BANK_ELEMENTS = 1 << 26  # a materialised bank of bases: 512 MiB in float64
 

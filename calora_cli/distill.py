@@ -1,0 +1,136 @@
+"""Distillation from a frozen teacher: the losses, a cache of the teacher's outputs, loading it.
+
+CA-LoRA's recovery, LoSA's fine-tuning with --distill-from and LoRA -> NOLA compression all train
+a student to match a teacher (the uncompressed model + the original adapter) on the same batch.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from calora_cli.errors import CaloraError
+
+DISTILL = ("hidden", "logits", "both")
+
+
+@dataclass
+class DistillSpec:
+    """What the student matches: the final hidden state (MSE, as CA-LoRA's reference code), the
+    logits (temperature-scaled KL), or both; weighted against the task loss."""
+
+    distill: str = "hidden"
+    distill_weight: float = 1.0
+    temperature: float = 1.0
+
+    def check(self) -> None:
+        if self.distill not in DISTILL:
+            raise CaloraError(f"--distill must be one of {', '.join(DISTILL)}, got {self.distill!r}")
+        if self.distill_weight < 0:
+            raise CaloraError(f"--distill-weight must be >= 0, got {self.distill_weight}")
+        if self.temperature <= 0:
+            raise CaloraError(f"--temperature must be positive, got {self.temperature}")
+
+
+def distill_terms(student_out, teacher_out, mask, spec: DistillSpec):
+    """Distillation loss over real (non-padding) tokens: hidden-state MSE and/or logit KL * T^2."""
+    import torch.nn.functional as F
+
+    m = mask.to(student_out.logits.dtype)
+    n = m.sum().clamp(min=1)
+    total = 0.0
+    if spec.distill in ("hidden", "both"):
+        hs, ht = student_out.hidden_states[-1], teacher_out.hidden_states[-1]
+        total = total + (((hs.float() - ht.float()) ** 2).mean(-1) * m).sum() / n
+    if spec.distill in ("logits", "both"):
+        T = spec.temperature
+        log_s = F.log_softmax(student_out.logits.float() / T, -1)
+        log_t = F.log_softmax(teacher_out.logits.float() / T, -1)
+        kl = (log_t.exp() * (log_t - log_s)).sum(-1)
+        total = total + (kl * m).sum() / n * T * T
+    return total
+
+
+class TeacherCache:
+    """The teacher's outputs on every training example, computed once (`--cache-teacher`).
+
+    Worth it when training sees each example more than once; it holds the final hidden states
+    and/or the logits of every example, so it is refused when that would not fit in memory.
+    """
+
+    def __init__(self, teacher, examples, spec: DistillSpec, batch_size: int):
+        import torch
+
+        self.hidden = spec.distill in ("hidden", "both")
+        self.logits = spec.distill in ("logits", "both")
+        hs, lg = [], []
+        with torch.no_grad():
+            for lo in range(0, len(examples), batch_size):
+                b = examples.batch(torch.arange(lo, min(lo + batch_size, len(examples))))
+                out = teacher(input_ids=b["input_ids"], attention_mask=b["attention_mask"], output_hidden_states=self.hidden)
+                if self.hidden:
+                    hs.append(out.hidden_states[-1])
+                if self.logits:
+                    lg.append(out.logits)
+        self.hidden_states = torch.cat(hs) if hs else None
+        self.all_logits = torch.cat(lg) if lg else None
+
+    @staticmethod
+    def bytes_needed(examples, config, spec: DistillSpec) -> int:
+        n, seq = examples.input_ids.shape
+        width = (config.hidden_size if spec.distill in ("hidden", "both") else 0) + (
+            config.vocab_size if spec.distill in ("logits", "both") else 0)
+        return n * seq * width * 4
+
+    def outputs(self, index):
+        """What distill_terms reads of a teacher forward, for the examples at `index`."""
+        import types
+
+        return types.SimpleNamespace(hidden_states=[self.hidden_states[index]] if self.hidden else None,
+                                     logits=self.all_logits[index] if self.logits else None)
+
+
+def make_loss(teacher, spec: DistillSpec, cache: TeacherCache | None = None):
+    import torch
+
+    def loss_fn(model, batch):
+        index = batch.pop("index", None)
+        hidden = spec.distill in ("hidden", "both")
+        out = model(**batch, output_hidden_states=hidden)
+        ce = out.loss
+        if spec.distill_weight == 0:
+            return ce, {"ce": ce.item()}
+        if cache is not None:
+            t = cache.outputs(index)
+        else:
+            with torch.no_grad():
+                t = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=hidden)
+        d = distill_terms(out, t, batch["attention_mask"], spec)
+        return ce + spec.distill_weight * d, {"ce": ce.item(), "distill": float(d.detach()) if torch.is_tensor(d) else float(d)}
+
+    return loss_fn
+
+
+def load_teacher(model_art, adapter_art, opts):
+    """The teacher: a model with an adapter, frozen, in eval mode (sharded too under FSDP)."""
+    from calora_cli import distributed
+    from calora_cli.adapters import attach
+    from calora_cli.models import load_model
+
+    teacher = attach(load_model(model_art.path, opts.device, opts.dtype, shardable=True), adapter_art)
+    teacher.requires_grad_(False).eval()
+    distributed.shard_model(teacher, teacher.device)
+    return teacher
+
+
+def cache_teacher(teacher, examples, spec: DistillSpec, batch_size: int, show_progress: bool) -> TeacherCache:
+    """The teacher's outputs on every example, refused when they would not fit in half the free memory."""
+    from calora_cli.progress import progress
+
+    need = TeacherCache.bytes_needed(examples, teacher.config, spec)
+    free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if need > free // 2:
+        raise CaloraError(f"--cache-teacher would hold {need / 1e9:.1f} GB of teacher outputs, more than half the "
+                          f"{free / 1e9:.1f} GB free: drop --cache-teacher (outputs are then computed each step)")
+    with progress("teacher cache", None, show_progress):
+        return TeacherCache(teacher, examples, spec, batch_size)

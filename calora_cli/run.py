@@ -1,0 +1,58 @@
+"""What every stage does around its algorithm: shared options, seeding, checking its inputs."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from calora_cli.artifacts import Artifact, check_adapter_base, open_artifact
+from calora_cli.errors import CaloraError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunOptions:
+    """Options every command shares (parsed by cli.py)."""
+
+    device: str = "cpu"
+    dtype: str = "float32"
+    seed: int = 0
+    force: bool = False
+    show_progress: bool = True
+    allow_base_mismatch: bool = False
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    import torch
+
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def check_fits(adapter: Artifact, model: Artifact, opts: RunOptions) -> None:
+    """Refuse an adapter made for a model `model` does not descend from (unless
+    --allow-base-mismatch); warn when the adapter records no base to check against."""
+    note = check_adapter_base(adapter, model, opts.allow_base_mismatch)
+    if note:
+        log.warning(note)
+
+
+def open_model_and_adapter(model: Path, adapter: Path | None, opts: RunOptions) -> tuple[Artifact, Artifact | None]:
+    """Check a model (and an adapter meant for it) before anything heavy is loaded."""
+    model_art = open_artifact(model, expect="model", role="model")
+    adapter_art = None
+    if adapter is not None:
+        adapter_art = open_artifact(adapter, expect="adapter", role="adapter")
+        check_fits(adapter_art, model_art, opts)
+    return model_art, adapter_art
+
+
+def check_descends(model: Artifact, origin: Artifact, what: str, opts: RunOptions) -> None:
+    """Refuse a compressed `model` that was not made from `origin` (a teacher, a dense twin), unless
+    --allow-base-mismatch. `what`: how it should have been made ("pruned from")."""
+    if origin.fingerprint not in model.lineage and not opts.allow_base_mismatch:
+        raise CaloraError(f"{model.path} was not {what} {origin.path}; pass --allow-base-mismatch to use it anyway")

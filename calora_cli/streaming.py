@@ -1,0 +1,259 @@
+"""One decoder layer at a time: read it from the checkpoint, run the activations through it, hand it
+over, write it, free it.
+
+A model larger than memory is never loaded whole. `LayerSource` builds the model's skeleton with
+its weights on the meta device (buffers such as rotary tables are real), materializes the input
+embedding so block 0's inputs can be captured, then materializes one decoder layer at a time from
+the safetensors files, in the compute dtype, and frees it again. A bf16 checkpoint stays bf16 on
+disk; only the layer being worked on is upcast. `LayerWriter` writes each finished layer at once
+as its own shard (with `model.safetensors.index.json`, as transformers shards), in the
+checkpoint's dtype, and copies every other tensor byte for byte.
+
+`Activations` holds what flows between layers: in memory up to a bound, spilled beyond it to a
+folder inside the stage's temporary output directory (so a killed run leaves nothing behind).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterator
+
+from calora_cli.arch import LAYERS_PREFIX, check_supported, decoder_layers
+from calora_cli.errors import CaloraError
+from calora_cli.tensor_io import ShardReader
+
+if TYPE_CHECKING:
+    import torch
+
+INDEX = "model.safetensors.index.json"
+
+
+class LayerSource:
+    """A checkpoint's skeleton and tensors, read one module at a time."""
+
+    def __init__(self, path: Path, weights: list[Path], compute_dtype: "torch.dtype", device: "torch.device"):
+        from accelerate import init_empty_weights
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        from calora_cli.runtime import import_stack, library_chatter_hidden
+
+        import_stack()
+        self.path, self.compute_dtype, self.device = Path(path), compute_dtype, device
+        config_dict = json.loads((self.path / "config.json").read_text())
+        check_supported(config_dict, self.path)
+        try:
+            self.config = AutoConfig.from_pretrained(self.path, trust_remote_code=False, local_files_only=True)
+        except (OSError, ValueError, KeyError) as e:
+            raise CaloraError(f"cannot load model {path}: {str(e).strip().splitlines()[0]}") from e
+        self.readers = [ShardReader(w) for w in weights]
+        self.where = {n: r for r in self.readers for n in r.names()}
+        with library_chatter_hidden(), init_empty_weights():
+            self.model = AutoModelForCausalLM.from_config(self.config, dtype=compute_dtype)
+        self.model.eval()
+        for module in self.model.modules():  # the buffers (rotary tables) to the device; weights stay on meta
+            for name, b in module._buffers.items():
+                if b is not None and not b.is_meta:
+                    module._buffers[name] = b.to(device)
+        self.layers = decoder_layers(self.model)
+        first = next((n for n in self.where if n.startswith(LAYERS_PREFIX) and n.endswith(".weight")), None)
+        if first is None:
+            raise CaloraError(f"cannot load model {path}: its safetensors files hold no {LAYERS_PREFIX}* weights")
+        self.storage_dtype = self.read(first).dtype
+
+    def close(self) -> None:
+        for r in self.readers:
+            r.file.close()
+
+    def read(self, name: str) -> "torch.Tensor":
+        import torch
+
+        reader = self.where.get(name)
+        if reader is None:
+            raise CaloraError(f"cannot load model {self.path}: its safetensors files have no tensor {name}")
+        t = reader.get_tensor(name)
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise CaloraError(f"model {self.path} has NaN or Inf values in {name}")
+        return t
+
+    def load(self, module, prefix: str) -> None:
+        """Fill `module`'s meta parameters from the tensors named `prefix` + their name."""
+        from accelerate.utils import set_module_tensor_to_device
+
+        for name, p in list(module.named_parameters()):
+            t = self.read(prefix + name)
+            if tuple(t.shape) != tuple(p.shape):
+                raise CaloraError(f"cannot load model {self.path}: {prefix + name} has shape {list(t.shape)}, "
+                                  f"its config needs {list(p.shape)}")
+            set_module_tensor_to_device(module, name, self.device, value=t, dtype=self.compute_dtype)
+
+    @staticmethod
+    def free(module) -> None:
+        module.to("meta")
+
+    def embed(self) -> None:
+        """Materialize what runs before block 0 (the input embedding), so its inputs can be captured."""
+        self.load(self.model.get_input_embeddings(), self._name_of(self.model.get_input_embeddings()))
+
+    def release_embedding(self) -> None:
+        self.free(self.model.get_input_embeddings())
+
+    def _name_of(self, module) -> str:
+        for name, m in self.model.named_modules():
+            if m is module:
+                return name + "."
+        raise AssertionError("module not in the model")
+
+    def layer_names(self, i: int) -> list[str]:
+        prefix = f"{LAYERS_PREFIX}{i}."
+        return sorted(n for n in self.where if n.startswith(prefix))
+
+    def blocks(self, writer: "LayerWriter | None" = None) -> Iterator:
+        """Each decoder layer in turn, materialized; once the consumer asks for the next one, the
+        finished layer is written (when a writer is given) and freed."""
+        for i, block in enumerate(self.layers):
+            self.load(block, f"{LAYERS_PREFIX}{i}.")
+            yield block
+            if writer is not None:
+                writer.write_layer(i, block)
+            self.free(block)
+
+
+class LayerWriter:
+    """A checkpoint written one layer at a time: shard 1 holds every tensor outside the decoder
+    layers (copied byte for byte), shard 2 + i holds layer i, written as soon as it is done."""
+
+    def __init__(self, out: Path, source: LayerSource):
+        self.out, self.source = Path(out), source
+        self.total = len(source.layers) + 1
+        self.weight_map: dict[str, str] = {}
+        self.size = 0
+        rest = sorted(n for n in source.where if not n.startswith(LAYERS_PREFIX))
+        self._write_raw(self._shard(0), rest)
+
+    def _shard(self, k: int) -> str:
+        return f"model-{k + 1:05d}-of-{self.total:05d}.safetensors"
+
+    def _write_raw(self, file: str, names: list[str]) -> None:
+        from calora_cli.tensor_io import write_tensors
+
+        entries = [(n, self.source.where[n].header[n]["dtype"], self.source.where[n].header[n]["shape"]) for n in names]
+        write_tensors(self.out / file, entries, lambda n: self.source.where[n].raw(n), metadata={"format": "pt"})
+        self._record(file, entries)
+
+    def _record(self, file: str, entries) -> None:
+        import math
+
+        from calora_cli.tensor_io import _torch_dtypes
+
+        for name, code, shape in entries:
+            self.weight_map[name] = file
+            self.size += _torch_dtypes()[code].itemsize * math.prod(shape)
+
+    def write_layer(self, i: int, block) -> None:
+        from calora_cli.tensor_io import write_tensors
+
+        prefix = f"{LAYERS_PREFIX}{i}."
+        params = {prefix + n: p.detach() for n, p in block.named_parameters()}
+        names = self.source.layer_names(i)
+        missing = sorted(set(params) - set(names))
+        if missing:
+            raise CaloraError(f"cannot load model {self.source.path}: its safetensors files have no tensor {missing[0]}")
+        stored = {n: self.source.where[n].header[n] for n in names}
+        tensors = {n: params[n].to(dtype=_dtype(stored[n]["dtype"])).cpu().contiguous() for n in params}
+        entries = [(n, stored[n]["dtype"], stored[n]["shape"]) for n in names]
+        write_tensors(self.out / self._shard(i + 1), entries,
+                      lambda n: tensors[n] if n in tensors else self.source.where[n].raw(n), metadata={"format": "pt"})
+        self._record(self._shard(i + 1), entries)
+
+    def finish(self) -> None:
+        """The index, and every non-weight file of the input (config, tokenizer, generation config)."""
+        from calora_cli.artifacts import MANIFEST
+
+        index = {"metadata": {"total_size": self.size}, "weight_map": dict(sorted(self.weight_map.items()))}
+        (self.out / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+        for f in sorted(self.source.path.iterdir()):
+            if f.is_file() and f.suffix != ".safetensors" and f.name not in (MANIFEST, INDEX):
+                shutil.copy2(f, self.out / f.name)
+
+
+def _dtype(code: str) -> "torch.dtype":
+    from calora_cli.tensor_io import _torch_dtypes
+
+    return _torch_dtypes()[code]
+
+
+class Spill:
+    """Makes `Activations` stores that share one spill folder: `keep` for compress/sequential.py.
+
+    At most three generations are alive at once (a block's inputs, its dense outputs, its
+    compressed outputs), so activations take at most 3 x `bound` bytes of memory."""
+
+    def __init__(self, bound: int, folder: Path | None):
+        self.bound, self.folder = bound, folder
+        self.made = 0
+        self.spilled = 0  # entries written to the folder, over the run
+
+    def __call__(self, pairs) -> "Activations":
+        self.made += 1
+        store = Activations(self, self.made)
+        for hs, kw in pairs:
+            store.add(hs, kw)
+        return store
+
+    def remove(self) -> None:
+        if self.folder is not None:
+            shutil.rmtree(self.folder, ignore_errors=True)
+
+
+class Activations:
+    """Hidden states (and keyword arguments) entering a block, one entry per micro-batch: in memory
+    up to the bound, the rest in the spill folder, read back one entry at a time."""
+
+    def __init__(self, spill: Spill, generation: int):
+        self.spill, self.generation = spill, generation
+        self.entries: list = []  # (tensor, kwargs) or (spilled file, kwargs, device)
+        self.held = 0
+
+    def add(self, hs: "torch.Tensor", kw: dict) -> None:
+        size = hs.numel() * hs.element_size()
+        if self.spill.folder is None or self.held + size <= self.spill.bound:
+            self.entries.append((hs, kw))
+            self.held += size
+            return
+        from safetensors.torch import save_file
+
+        self.spill.folder.mkdir(parents=True, exist_ok=True)
+        path = self.spill.folder / f"g{self.generation}-{len(self.entries)}.safetensors"
+        save_file({"hs": hs.contiguous().cpu()}, path)
+        self.entries.append((path, kw, hs.device))
+        self.spill.spilled += 1
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __iter__(self):
+        from safetensors.torch import load_file
+
+        for entry in self.entries:
+            if len(entry) == 2:
+                yield entry
+            else:
+                path, kw, device = entry
+                yield load_file(path)["hs"].to(device), kw
+
+    def __getitem__(self, k: int):
+        entry = self.entries[k]
+        if len(entry) == 2:
+            return entry
+        from safetensors.torch import load_file
+
+        return load_file(entry[0])["hs"].to(entry[2]), entry[1]
+
+    def drop(self) -> None:
+        for entry in self.entries:
+            if len(entry) == 3:
+                entry[0].unlink(missing_ok=True)
+        self.entries = []
+        self.held = 0

@@ -1,0 +1,144 @@
+"""Every supported family through every stage, as a new user would run them.
+
+Tiny random models (configs built in code, recipes/tiny_models.py) of Llama, Mistral, Qwen2 (q/k/v
+biases), Qwen3 (q/k norms, head_dim apart), Gemma2 (four norms a block, soft-capping) and Phi3
+(fused qkv_proj and gate_up_proj): compress (Wanda, SparseGPT 2:4, GPTQ, NF4), train, inherit,
+recover, sparsify-adapter, merge (dense, sparse, GPTQ), eval and info. Each step checks what the
+step promises, not only its exit code.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from helpers import SHK, one_line_error
+from safetensors.torch import load_file
+
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "phi3")
+TEXT = SHK / "plays" / "histories--richard-ii.txt"
+CALIB = ["--calib", TEXT, "--calib-samples", "4", "--seq-len", "32"]
+TRAIN = ["--data", TEXT, "--steps", "2", "--batch-size", "2", "--seq-len", "32"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory):
+    from tiny_models import train_bpe_tokenizer
+
+    out = tmp_path_factory.mktemp("tok")
+    train_bpe_tokenizer([(SHK / "plays" / "tragedies--hamlet.txt").read_text()], 512).save_pretrained(out)
+    return out
+
+
+def _base(family, tokenizer_dir, out):
+    from tiny_models import build_tiny
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    model = build_tiny(family, len(tok), pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                       eos_token_id=tok.eos_token_id)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def _run(cli, *args) -> dict:
+    r = cli(*args, "--json", "--quiet")
+    assert r.exit_code == 0, (args[:2], r.stderr[-2000:])
+    return json.loads(r.stdout)
+
+
+def _logits(model_dir, adapter=None, ids=None):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    if adapter is not None:
+        model = PeftModel.from_pretrained(model, adapter).eval()
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def _block_weights(model_dir) -> dict[str, torch.Tensor]:
+    state = {}
+    for f in sorted(model_dir.glob("*.safetensors")):
+        state.update(load_file(f))
+    return {k: v for k, v in state.items() if ".layers." in k and k.endswith("proj.weight")}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", FAMILIES)
+def test_family_through_every_stage(cli, tokenizer_dir, tmp_path, family):
+    base = _base(family, tokenizer_dir, tmp_path / "base")
+    short = tmp_path / "short.txt"
+    short.write_text(TEXT.read_text()[:2000])
+    ids = torch.randint(3, 500, (2, 24), generator=torch.Generator().manual_seed(0))
+
+    # compress: the pruned models hold exactly the zeros they promise
+    wanda = tmp_path / "wanda"
+    s = _run(cli, "compress", base, "-o", wanda, "--method", "wanda", "--sparsity", "0.5", *CALIB)
+    weights = _block_weights(wanda)
+    assert weights and abs(s["sparsity"] - 0.5) < 1e-3
+    for name, w in weights.items():
+        assert abs(float((w == 0).float().mean()) - 0.5) < 0.02, name
+    nm = tmp_path / "sparsegpt24"
+    _run(cli, "compress", base, "-o", nm, "--method", "sparsegpt", "--pattern", "2:4", *CALIB)
+    for name, w in _block_weights(nm).items():
+        assert bool(((w.reshape(w.shape[0], -1, 4) != 0).sum(-1) <= 2).all()), name
+    gptq = tmp_path / "gptq"
+    s = _run(cli, "compress", base, "-o", gptq, "--method", "gptq", "--group-size", "32", *CALIB)
+    assert json.loads((gptq / "config.json").read_text())["quantization_config"]["bits"] == 4
+    assert 0 < s["mean_block_rel_error"] < 0.2
+    nf4 = tmp_path / "nf4"
+    _run(cli, "compress", base, "-o", nf4, "--method", "nf4")
+
+    # train a LoRA; merge it into the dense base: the merged model computes what base + adapter does
+    lora = tmp_path / "lora"
+    _run(cli, "train", base, "-o", lora, *TRAIN, "--rank", "4", "--lr", "1e-2")
+    merged = tmp_path / "merged"
+    _run(cli, "merge", base, "--adapter", lora, "-o", merged)
+    torch.testing.assert_close(_logits(merged, ids=ids), _logits(base, lora, ids), rtol=1e-4, atol=1e-4)
+
+    # CA-LoRA: inherit onto GPTQ, recover on the pruned base; both evaluate to finite perplexities
+    inherited = tmp_path / "inherited"
+    s = _run(cli, "inherit", lora, "--base", gptq, "-o", inherited)
+    assert s["skipped"] == 0 and s["carried"] > 0
+    recovered = tmp_path / "recovered"
+    _run(cli, "recover", lora, "--base", wanda, "--teacher", base, "--teacher-adapter", lora, "-o", recovered, *TRAIN)
+    for model, adapter in ((gptq, inherited), (wanda, recovered), (nf4, lora)):
+        e = _run(cli, "eval", model, "--adapter", adapter, "--ppl", short, "--seq-len", "32")
+        assert math.isfinite(e["perplexity"])
+
+    # LoSA: a masked adapter merges into the sparse base without filling a zero
+    masked = tmp_path / "masked"
+    _run(cli, "sparsify-adapter", lora, "--base", wanda, "-o", masked, *TRAIN)
+    sparse_merged = tmp_path / "sparse-merged"
+    s = _run(cli, "merge", wanda, "--adapter", masked, "-o", sparse_merged)
+    before, after = _block_weights(wanda), _block_weights(sparse_merged)
+    for name in before:
+        assert torch.equal(before[name] == 0, after[name] == 0), name
+
+    # merge into GPTQ: dequantize, fold, re-quantize; the output loads and runs
+    gptq_merged = tmp_path / "gptq-merged"
+    _run(cli, "merge", gptq, "--adapter", inherited, "-o", gptq_merged)
+    e = _run(cli, "eval", gptq_merged, "--ppl", short, "--seq-len", "32")
+    assert math.isfinite(e["perplexity"])
+
+    for artifact in (wanda, gptq, recovered, masked):
+        info = _run(cli, "info", artifact)
+        assert info["kind"] in ("model", "adapter")
+
+
+def test_an_unsupported_family_is_refused_in_one_line(cli, tiny_base, tmp_path):
+    import shutil
+
+    other = tmp_path / "gpt2ish"
+    shutil.copytree(tiny_base, other)
+    cfg = json.loads((other / "config.json").read_text())
+    cfg["model_type"] = "gpt_neox"
+    (other / "config.json").write_text(json.dumps(cfg))
+    line = one_line_error(cli("compress", other, "-o", tmp_path / "out", "--method", "magnitude", "--sparsity", "0.5"))
+    assert "gpt_neox" in line and "supports" in line
+    assert not (tmp_path / "out").exists()
