@@ -88,6 +88,15 @@ def safetensors_files(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*.safetensors") if p.is_file())
 
 
+def companion_files(root: Path, with_index: bool = False) -> list[Path]:
+    """A model directory's files other than its weights and manifest (config, tokenizer, generation
+    config; the shard index if asked): what a stage that rewrites the weights copies over
+    unchanged. Hidden files are not the artifact's (as for fingerprints)."""
+    skip = {MANIFEST} | (set() if with_index else {"model.safetensors.index.json"})
+    return sorted(f for f in root.iterdir()
+                  if f.is_file() and f.suffix != ".safetensors" and not f.name.startswith(".") and f.name not in skip)
+
+
 # --- fingerprints ----------------------------------------------------------------------------
 
 

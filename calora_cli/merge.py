@@ -17,9 +17,9 @@ from pathlib import Path
 from calora_cli.adapters import factors as adapter_factors
 from calora_cli.adapters import is_kind
 from calora_cli.artifacts import (
-    MANIFEST,
     atomic_output,
     check_output,
+    companion_files,
     open_artifact,
     read_safetensors_header,
     write_manifest,
@@ -163,10 +163,13 @@ def _merge_shard(src: Path, dst: Path, folder: _Folder, gptq: Gptq | None, dense
             from calora_cli.compress.gptq_format import dequantize
 
             module, _, part = name.rpartition(".")
-            if module in quantized and dense:
+            # a GPTQ layer's packed parts (qweight, ...), or with --dense the weight that replaces them;
+            # its bias (Qwen2's q/k/v) is stored plain and passes through
+            packed = module in quantized and (part in PARTS or (dense and part == "weight"))
+            if packed and dense:
                 W = dequantize(parts(module), gptq.bits, gptq.v1)
                 return folder.dense(module, W).to(dense_dtype) if module in folder.plan else W.to(dense_dtype)
-            if module in quantized and module in folder.plan:
+            if packed and module in folder.plan:
                 if module not in done:
                     done[module] = folder.requantized(module, parts(module), gptq)
                 return done[module].pop(part)
@@ -231,9 +234,8 @@ def merge(base: Path, adapters: list[Path], out: Path, opts: RunOptions, weights
 
     with atomic_output(out, opts.force) as tmp, progress("merge", len(plan), opts.show_progress) as advance:
         folder = _Folder(plan, keep, advance)
-        for f in base_art.path.iterdir():
-            if f.is_file() and f.suffix != ".safetensors" and f.name != MANIFEST:
-                shutil.copy2(f, tmp / f.name)
+        for f in companion_files(base_art.path, with_index=True):  # same shard names: the index still holds
+            shutil.copy2(f, tmp / f.name)
         if gptq and dense:
             config.pop("quantization_config")
             (tmp / "quantize_config.json").unlink(missing_ok=True)

@@ -5,9 +5,9 @@ A model larger than memory is never loaded whole. `LayerSource` builds the model
 its weights on the meta device (buffers such as rotary tables are real), materializes the input
 embedding so block 0's inputs can be captured, then materializes one decoder layer at a time from
 the safetensors files, in the compute dtype, and frees it again. A bf16 checkpoint stays bf16 on
-disk; only the layer being worked on is upcast. `LayerWriter` writes each finished layer at once
-as its own shard (with `model.safetensors.index.json`, as transformers shards), in the
-checkpoint's dtype, and copies every other tensor byte for byte.
+disk; only the layer being worked on is upcast. `LayerWriter` writes each finished layer at once into
+the output, sharded as the input is, in the checkpoint's dtype, and copies every other tensor
+byte for byte.
 
 `Activations` holds what flows between layers: in memory up to a bound, spilled beyond it to a
 folder inside the stage's temporary output directory (so a killed run leaves nothing behind).
@@ -22,13 +22,10 @@ from typing import TYPE_CHECKING, Iterator
 
 from calora_cli.arch import LAYERS_PREFIX, check_supported, decoder_layers
 from calora_cli.errors import CaloraError
-from calora_cli.tensor_io import ShardReader
+from calora_cli.tensor_io import ShardReader, TensorFileWriter
 
 if TYPE_CHECKING:
     import torch
-
-INDEX = "model.safetensors.index.json"
-
 
 class LayerSource:
     """A checkpoint's skeleton and tensors, read one module at a time."""
@@ -121,61 +118,69 @@ class LayerSource:
 
 
 class LayerWriter:
-    """A checkpoint written one layer at a time: shard 1 holds every tensor outside the decoder
-    layers (copied byte for byte), shard 2 + i holds layer i, written as soon as it is done."""
+    """The output checkpoint, sharded like the input (same files, same tensor in each file, the
+    input's index copied), written as the layers finish.
+
+    Each output file's header is planned up front (pruning keeps every name, shape and dtype), with
+    its tensors ordered by decoder layer: those before the layers (embeddings) first, written at
+    once, byte for byte; each layer's as soon as it is done; those after (final norm, head) last.
+    Layers finish in ascending order, so every file is written front to back and no layer waits."""
 
     def __init__(self, out: Path, source: LayerSource):
         self.out, self.source = Path(out), source
-        self.total = len(source.layers) + 1
-        self.weight_map: dict[str, str] = {}
-        self.size = 0
-        rest = sorted(n for n in source.where if not n.startswith(LAYERS_PREFIX))
-        self._write_raw(self._shard(0), rest)
+        self.files: dict[Path, TensorFileWriter] = {}
+        n = len(source.layers)
+        for reader in source.readers:
+            names = sorted(reader.names(), key=lambda name: (_layer_of(name, n), name))
+            entries = [(name, reader.header[name]["dtype"], reader.header[name]["shape"]) for name in names]
+            meta = reader.header.get("__metadata__") or {"format": "pt"}
+            writer = TensorFileWriter(self.out / reader.path.name, entries, meta)
+            self.files[reader.path] = writer
+            self._copy_until(writer, 0, n)
 
-    def _shard(self, k: int) -> str:
-        return f"model-{k + 1:05d}-of-{self.total:05d}.safetensors"
-
-    def _write_raw(self, file: str, names: list[str]) -> None:
-        from calora_cli.tensor_io import write_tensors
-
-        entries = [(n, self.source.where[n].header[n]["dtype"], self.source.where[n].header[n]["shape"]) for n in names]
-        write_tensors(self.out / file, entries, lambda n: self.source.where[n].raw(n), metadata={"format": "pt"})
-        self._record(file, entries)
-
-    def _record(self, file: str, entries) -> None:
-        import math
-
-        from calora_cli.tensor_io import _torch_dtypes
-
-        for name, code, shape in entries:
-            self.weight_map[name] = file
-            self.size += _torch_dtypes()[code].itemsize * math.prod(shape)
+    def _copy_until(self, writer: "TensorFileWriter", layer: int, n: int) -> None:
+        """Copy the file's next tensors, byte for byte, while they belong before `layer`'s (or after all)."""
+        while not writer.done and _layer_of(writer.expects(), n) < layer:
+            name = writer.expects()
+            writer.write(name, self.source.where[name].raw(name))
 
     def write_layer(self, i: int, block) -> None:
-        from calora_cli.tensor_io import write_tensors
-
+        n = len(self.source.layers)
         prefix = f"{LAYERS_PREFIX}{i}."
-        params = {prefix + n: p.detach() for n, p in block.named_parameters()}
-        names = self.source.layer_names(i)
-        missing = sorted(set(params) - set(names))
-        if missing:
-            raise CaloraError(f"cannot load model {self.source.path}: its safetensors files have no tensor {missing[0]}")
-        stored = {n: self.source.where[n].header[n] for n in names}
-        tensors = {n: params[n].to(dtype=_dtype(stored[n]["dtype"])).cpu().contiguous() for n in params}
-        entries = [(n, stored[n]["dtype"], stored[n]["shape"]) for n in names]
-        write_tensors(self.out / self._shard(i + 1), entries,
-                      lambda n: tensors[n] if n in tensors else self.source.where[n].raw(n), metadata={"format": "pt"})
-        self._record(self._shard(i + 1), entries)
+        params = {prefix + name: p.detach() for name, p in block.named_parameters()}
+        for writer in self.files.values():
+            if not writer.done and _layer_of(writer.expects(), n) < i:
+                raise AssertionError(f"{writer.expects()} was skipped: layers must be written in order")
+            while not writer.done and _layer_of(writer.expects(), n) == i:
+                name = writer.expects()
+                t = params.get(name)
+                if t is None:  # stored but not a parameter (none in supported families): unchanged
+                    writer.write(name, self.source.where[name].raw(name))
+                else:
+                    writer.write(name, t.to(dtype=_dtype(writer.header[name]["dtype"])).cpu().contiguous())
 
     def finish(self) -> None:
-        """The index, and every non-weight file of the input (config, tokenizer, generation config)."""
-        from calora_cli.artifacts import MANIFEST
+        """The tensors after the layers, the input's index, and its other files (config, tokenizer)."""
+        from calora_cli.artifacts import companion_files
 
-        index = {"metadata": {"total_size": self.size}, "weight_map": dict(sorted(self.weight_map.items()))}
-        (self.out / INDEX).write_text(json.dumps(index, indent=2) + "\n")
-        for f in sorted(self.source.path.iterdir()):
-            if f.is_file() and f.suffix != ".safetensors" and f.name not in (MANIFEST, INDEX):
-                shutil.copy2(f, self.out / f.name)
+        n = len(self.source.layers)
+        for writer in self.files.values():
+            self._copy_until(writer, n + 1, n)
+            if not writer.done:
+                raise AssertionError(f"{writer.expects()} was never written")
+        for f in companion_files(self.source.path, with_index=True):
+            shutil.copy2(f, self.out / f.name)
+
+    def close(self) -> None:
+        for writer in self.files.values():
+            writer.close()
+
+
+def _layer_of(name: str, n: int) -> int:
+    """The decoder layer a tensor belongs to; -1 before the layers, n after them."""
+    if name.startswith(LAYERS_PREFIX):
+        return int(name[len(LAYERS_PREFIX):].split(".", 1)[0])
+    return -1 if "embed" in name else n
 
 
 def _dtype(code: str) -> "torch.dtype":

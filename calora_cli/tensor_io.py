@@ -131,39 +131,69 @@ class ShardReader:
             yield chunk
 
 
+class TensorFileWriter:
+    """A safetensors file whose layout is known up front, written one tensor at a time in that order:
+    `entries` are (name, dtype code, shape) in file order; `write(name, tensor or raw byte chunks)`
+    must come in the same order. Only the tensor being written is held."""
+
+    def __init__(self, dst: Path, entries: list[tuple[str, str, list[int]]], metadata: dict | None = None):
+        header: dict = {"__metadata__": metadata} if metadata else {}
+        offset = 0
+        torch_dtypes = _torch_dtypes()
+        for name, code, shape in entries:
+            n = torch_dtypes[code].itemsize * math.prod(shape)
+            header[name] = {"dtype": code, "shape": list(shape), "data_offsets": [offset, offset + n]}
+            offset += n
+        self.header, self.order, self.next = header, [e[0] for e in entries], 0
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # the format pads the header to 8 bytes with spaces
+        self.file = open(dst, "wb")
+        self.file.write(struct.pack("<Q", len(raw)))
+        self.file.write(raw)
+
+    @property
+    def done(self) -> bool:
+        return self.next == len(self.order)
+
+    def expects(self) -> str | None:
+        return None if self.done else self.order[self.next]
+
+    def write(self, name: str, t: "torch.Tensor | Iterator[bytes]") -> None:
+        import torch
+
+        if name != self.expects():
+            raise AssertionError(f"{name} written out of the planned order (next: {self.expects()})")
+        info = self.header[name]
+        if isinstance(t, torch.Tensor):
+            if dtype_code(t.dtype) != info["dtype"] or list(t.shape) != info["shape"]:
+                raise AssertionError(f"{name}: planned {info['dtype']}{tuple(info['shape'])}, produced {t.dtype}{tuple(t.shape)}")
+            if t.numel():
+                self.file.write(memoryview(t.contiguous().view(torch.uint8).numpy()))  # no copy
+        else:
+            lo, hi = info["data_offsets"]
+            written = sum(self.file.write(chunk) for chunk in t)
+            if written != hi - lo:
+                raise AssertionError(f"{name}: planned {hi - lo} bytes, copied {written}")
+        self.next += 1
+        if self.done:
+            self.file.close()
+
+    def close(self) -> None:
+        self.file.close()
+
+
 def write_tensors(dst: Path, entries: list[tuple[str, str, list[int]]],
                   produce: Callable[[str], "torch.Tensor | Iterator[bytes]"], metadata: dict | None = None) -> None:
-    """Write a safetensors file whose layout is known up front: `entries` are (name, dtype code, shape)
-    in file order; `produce(name)` gives each tensor in that order (or its raw bytes in chunks),
-    so only one is held at a time."""
-    import torch
-
-    header: dict = {"__metadata__": metadata} if metadata else {}
-    offset = 0
-    torch_dtypes = _torch_dtypes()
-    for name, code, shape in entries:
-        n = torch_dtypes[code].itemsize * math.prod(shape)
-        header[name] = {"dtype": code, "shape": list(shape), "data_offsets": [offset, offset + n]}
-        offset += n
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)  # the format pads the header to 8 bytes with spaces
-    with open(dst, "wb") as out:
-        out.write(struct.pack("<Q", len(raw)))
-        out.write(raw)
-        for name, code, shape in entries:
-            t = produce(name)
-            if isinstance(t, torch.Tensor):
-                if dtype_code(t.dtype) != code or list(t.shape) != list(shape):
-                    raise AssertionError(f"{name}: planned {code}{tuple(shape)}, produced {t.dtype}{tuple(t.shape)}")
-                if t.numel():
-                    out.write(memoryview(t.contiguous().view(torch.uint8).numpy()))  # no copy
-            else:
-                lo, hi = header[name]["data_offsets"]
-                written = 0
-                for chunk in t:
-                    written += out.write(chunk)
-                if written != hi - lo:
-                    raise AssertionError(f"{name}: planned {hi - lo} bytes, copied {written}")
+    """Write a safetensors file whose layout is known up front: `produce(name)` gives each tensor
+    of `entries` in order (or its raw bytes in chunks), so only one is held at a time."""
+    writer = TensorFileWriter(dst, entries, metadata)
+    try:
+        for name, _, _ in entries:
+            writer.write(name, produce(name))
+    finally:
+        writer.close()
+    if not entries:
+        writer.close()
 
 
 def load_tensors(files: list[Path], wanted: Callable[[str], bool]) -> dict[str, "torch.Tensor"]:

@@ -61,11 +61,15 @@ def _logits(model_dir, adapter=None, ids=None):
         return model(input_ids=ids).logits
 
 
-def _block_weights(model_dir) -> dict[str, torch.Tensor]:
+def _all(model_dir) -> dict[str, torch.Tensor]:
     state = {}
     for f in sorted(model_dir.glob("*.safetensors")):
         state.update(load_file(f))
-    return {k: v for k, v in state.items() if ".layers." in k and k.endswith("proj.weight")}
+    return state
+
+
+def _block_weights(model_dir) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in _all(model_dir).items() if ".layers." in k and k.endswith("proj.weight")}
 
 
 @pytest.mark.slow
@@ -121,10 +125,17 @@ def test_family_through_every_stage(cli, tokenizer_dir, tmp_path, family):
         assert torch.equal(before[name] == 0, after[name] == 0), name
 
     # merge into GPTQ: dequantize, fold, re-quantize; the output loads and runs
-    gptq_merged = tmp_path / "gptq-merged"
+    # (Qwen2's q/k/v biases are stored beside the packed weights: they pass through unchanged)
+    gptq_merged, gptq_dense = tmp_path / "gptq-merged", tmp_path / "gptq-dense"
     _run(cli, "merge", gptq, "--adapter", inherited, "-o", gptq_merged)
-    e = _run(cli, "eval", gptq_merged, "--ppl", short, "--seq-len", "32")
-    assert math.isfinite(e["perplexity"])
+    _run(cli, "merge", gptq, "--adapter", inherited, "-o", gptq_dense, "--dense")
+    biases = {k: v for k, v in _all(gptq).items() if k.endswith(".bias")}
+    assert (family == "qwen2") == bool(biases)
+    for out in (gptq_merged, gptq_dense):
+        merged_tensors = _all(out)
+        assert all(torch.equal(merged_tensors[k], v) for k, v in biases.items())
+        e = _run(cli, "eval", out, "--ppl", short, "--seq-len", "32")
+        assert math.isfinite(e["perplexity"])
 
     for artifact in (wanda, gptq, recovered, masked):
         info = _run(cli, "info", artifact)

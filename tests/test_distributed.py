@@ -110,7 +110,8 @@ def test_a_skeleton_holds_no_weights_and_materializes_to_the_loaded_model(tiny_b
     """What FSDP processes do, minus the sharding: the skeleton carries adapters as the loaded model
     does (same values), and once filled it computes exactly what the loaded model computes."""
     from calora_cli.artifacts import open_artifact
-    from calora_cli.models import load_model, materialize, pending, skeleton
+    from calora_cli.models import load_model
+    from calora_cli.sharded_load import materialize, pending, skeleton
     from calora_cli.adapters import attach as attach_adapter
 
     ad = open_artifact(tiny_lora)

@@ -187,6 +187,7 @@ def _prune(src, into: Path, calib, spec: CompressSpec, nm, opts: RunOptions) -> 
 
     source = LayerSource(src.path, src.weights, torch_dtype(opts.dtype), resolve_device(opts.device))
     spill = Spill(int(spec.activation_gb * 1e9), into / ".spill")
+    writer = None
     try:
         n_blocks = len(source.layers)
         if calib is not None:
@@ -208,6 +209,8 @@ def _prune(src, into: Path, calib, spec: CompressSpec, nm, opts: RunOptions) -> 
     finally:
         spill.remove()
         source.close()
+        if writer is not None:
+            writer.close()
     out = {
         "sparsity": sum(r.zeros for r in reports) / sum(r.elements for r in reports),
         "layer_rates": [r.rate for r in reports],

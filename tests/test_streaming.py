@@ -1,0 +1,116 @@
+"""Pruning streams the model one decoder layer at a time (streaming.py) and gives, bit for bit, the
+tensors of the same algorithm run on the whole model in memory; activations spill to disk beyond
+a bound without changing a bit; a bf16 checkpoint stays bf16; the output is a sharded checkpoint
+that transformers loads."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from helpers import SHK
+from safetensors.torch import load_file
+
+TEXT = SHK / "plays" / "histories--richard-ii.txt"
+CAL = ["--calib", TEXT, "--calib-samples", "4", "--seq-len", "32"]
+
+
+def _tensors(d) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted(d.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+def _in_memory(base, method: str, sparsity: float, nm=None, rmi: bool = False) -> dict[str, torch.Tensor]:
+    """The reference: the whole model loaded, every block pruned in place (the path before streaming)."""
+    from calora_cli.compress import pruner
+    from calora_cli.compress import sparsity_allocation as allocation
+    from calora_cli.compress.sequential import input_grams, prune_sequential
+    from calora_cli.models import load_model, load_tokenizer
+    from calora_cli.stages.compress import calibration_batch
+
+    model = load_model(base)
+    calib = None if method == "magnitude" else calibration_batch(load_tokenizer(base), TEXT.read_text(), 4, 32, seed=0)
+    n = len(model.model.layers)
+    if rmi:
+        grams = input_grams(model, calib)
+        rates = allocation.rmi(sparsity, allocation.importance(allocation.cka_matrix(grams)), allocation.default_delta(sparsity))
+    else:
+        rates = allocation.uniform(sparsity, n)
+    m = pruner(method)
+    list(prune_sequential(model, calib, rates, m.prune, m.NEEDS, nm))
+    return {k: v.detach() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+
+
+CASES = {
+    "magnitude": (["--method", "magnitude", "--sparsity", "0.5"], ("magnitude", 0.5, None, False)),
+    "wanda": (["--method", "wanda", "--sparsity", "0.5", *CAL], ("wanda", 0.5, None, False)),
+    "sparsegpt": (["--method", "sparsegpt", "--sparsity", "0.6", *CAL], ("sparsegpt", 0.6, None, False)),
+    "sparsegpt-2:4": (["--method", "sparsegpt", "--pattern", "2:4", *CAL], ("sparsegpt", 0.5, (2, 4), False)),
+    "wanda-rmi": (["--method", "wanda", "--sparsity", "0.5", "--allocation", "rmi", *CAL], ("wanda", 0.5, None, True)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_streamed_pruning_equals_the_in_memory_path_bitwise(cli, tiny_base, tmp_path, case):
+    args, ref_args = CASES[case]
+    r = cli("compress", tiny_base, "-o", tmp_path / "s", *args, "--json")
+    assert r.exit_code == 0, r.stderr
+    got, want = _tensors(tmp_path / "s"), _in_memory(tiny_base, *ref_args)
+    assert got.keys() == want.keys()
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
+
+
+def test_spilled_activations_change_nothing_and_leave_nothing(cli, tiny_base, tmp_path):
+    args = ["--method", "sparsegpt", "--sparsity", "0.5", *CAL, "--json"]
+    assert cli("compress", tiny_base, "-o", tmp_path / "mem", *args).exit_code == 0
+    # a bound below one micro-batch: every activation goes through the spill folder
+    r = cli("compress", tiny_base, "-o", tmp_path / "disk", *args, "--activation-memory", "1e-9")
+    assert r.exit_code == 0, r.stderr
+    a, b = _tensors(tmp_path / "mem"), _tensors(tmp_path / "disk")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not any(p.name.startswith(".") for p in (tmp_path / "disk").rglob("*")), "spill folder left behind"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["disk", "mem"]
+
+
+def test_the_engine_spills_beyond_its_bound(tiny_base, tmp_path):
+    """The spill path is taken (not only allowed): count the entries written to the folder."""
+    from calora_cli.streaming import Spill
+
+    spill = Spill(bound=100, folder=tmp_path / "spill")
+    store = spill((torch.full((2, 8, 4), float(i)), {"i": i}) for i in range(3))  # 256 bytes each
+    assert spill.spilled == 3 and len(list((tmp_path / "spill").iterdir())) == 3
+    assert [float(hs[0, 0, 0]) for hs, _ in store] == [0.0, 1.0, 2.0] and store[2][1] == {"i": 2}
+    store.drop()
+    assert list((tmp_path / "spill").iterdir()) == []
+
+
+def test_a_bf16_sharded_checkpoint_stays_bf16_and_reloads(cli, tiny_base, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src = tmp_path / "bf16"
+    model = AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.bfloat16)
+    model.save_pretrained(src, max_shard_size="100KB")
+    AutoTokenizer.from_pretrained(tiny_base).save_pretrained(src)
+    assert len(list(src.glob("*.safetensors"))) > 1
+    r = cli("compress", src, "-o", tmp_path / "out", "--method", "wanda", "--sparsity", "0.5", *CAL, "--json")
+    assert r.exit_code == 0, r.stderr
+    before, after = _tensors(src), _tensors(tmp_path / "out")
+    assert after.keys() == before.keys()
+    assert all(t.dtype == torch.bfloat16 for t in after.values())
+    index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(after)
+    for k, w in after.items():
+        if ".layers." in k and w.ndim == 2:
+            kept = w != 0
+            assert abs(float(kept.float().mean()) - 0.5) < 0.01, k
+            assert torch.equal(w[kept], before[k][kept]), k  # Wanda only removes: kept weights are the stored ones
+        else:
+            assert torch.equal(w, before[k]), k  # embeddings and norms copied byte for byte
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert reloaded.dtype == torch.bfloat16
+    with torch.no_grad():
+        assert reloaded(torch.arange(5)[None]).logits.isfinite().all()
