@@ -113,7 +113,7 @@ def main() -> int:
         if args.llmcompressor_python:
             from calora_cli.data import read_text
             from calora_cli.models import load_tokenizer
-            from calora_cli.stages.compress import calibration_batch
+            from calora_cli.data import calibration_batch
 
             windows = calibration_batch(load_tokenizer(args.model), read_text(args.calib), args.calib_samples, args.seq_len, 0)
             wfile = Path(tmp) / "windows.json"

@@ -1,11 +1,13 @@
-"""Peak memory against model size: compress, eval, merge and info --verify on 3 local models.
+"""Peak memory against model size: compress (each pruning family), eval, merge and info --verify.
 
-Builds fp32 Llama models of about --sizes GB (random weights, sharded), a rank-16 LoRA for each,
-and runs every stage in a fresh process, reading its peak resident set (VmHWM) and its resident
-set after imports. The slope of (peak - imports) against model size says how memory grows:
-~1 for stages that hold the model once (compress, eval), ~0 for streaming ones (merge, verify).
+Builds Llama models of about --sizes GB (random weights, sharded, --dtype float32 or bfloat16), a
+rank-16 LoRA for each, and runs every stage in a fresh process, reading its peak resident set
+(VmHWM) and its resident set after imports. The slope of (peak - imports) against model size says
+how memory grows: ~1 for stages that hold the model once (eval), ~0 for streaming ones (pruning
+one decoder layer at a time, merge, verify), 2-3 for a bf16 model upcast whole.
 
-    .venv/bin/python benchmarks/memory.py                      # 0.5, 1 and 2.2 GB
+    .venv/bin/python benchmarks/memory.py                      # 0.5, 1, 2 and 4 GB, fp32
+    .venv/bin/python benchmarks/memory.py --dtype bfloat16
     .venv/bin/python benchmarks/memory.py --sizes 0.1,0.2,0.4  # quick
 """
 
@@ -22,16 +24,16 @@ from measure import rss, run_child
 
 REPO = Path(__file__).resolve().parents[1]
 TEXT = REPO.parent / "shared" / "data" / "shakespeare" / "plays" / "histories--richard-ii.txt"
-STAGES = ("compress", "eval", "merge", "verify")
+STAGES = ("magnitude", "wanda", "sparsegpt", "eval", "merge", "verify")
 
 
-def build(root: Path, size_gb: float) -> tuple[Path, Path]:
+def build(root: Path, size_gb: float, dtype: str = "float32") -> tuple[Path, Path]:
     sys.path.insert(0, str(Path(__file__).parent))
     from merge import build as build_model  # same model and LoRA as the merge benchmark
 
     # a narrower model than the merge benchmark's, so every size is several layers deep and the
     # embedding (fixed) is a small part: the sizes differ by depth alone
-    base, lora = build_model(root, size_gb, hidden=1024)
+    base, lora = build_model(root, size_gb, hidden=1024, dtype=dtype)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
     from tiny_models import train_bpe_tokenizer
 
@@ -53,8 +55,9 @@ def child(stage: str, base: Path, lora: Path, out: Path) -> None:
     opts = RunOptions(show_progress=False, allow_base_mismatch=True)
     imports = rss("VmRSS")
     t0 = time.perf_counter()
-    if stage == "compress":
-        compress_model(base, out, CompressSpec("magnitude", 0.5), opts)
+    if stage in ("magnitude", "wanda", "sparsegpt"):
+        calib = {} if stage == "magnitude" else {"calib": TEXT, "calib_samples": 8, "seq_len": 128}
+        compress_model(base, out, CompressSpec(stage, 0.5, **calib), opts)
     elif stage == "eval":
         short = out.with_suffix(".txt")
         short.write_text(TEXT.read_text()[:20000])  # a few thousand tokens: memory, not throughput, is measured
@@ -76,27 +79,30 @@ def main() -> int:
         child(sys.argv[2], *map(Path, sys.argv[3:6]))
         return 0
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--sizes", default="0.5,1.0,2.2", help="model sizes in GB (fp32)")
+    ap.add_argument("--sizes", default="0.5,1.0,2.0,4.0", help="model sizes in GB (on disk)")
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    ap.add_argument("--stages", default=",".join(STAGES))
     ap.add_argument("--workdir", type=Path, default=None)
     args = ap.parse_args()
     sizes, rows = [float(s) for s in args.sizes.split(",")], []
+    stages = args.stages.split(",")
     for size in sizes:
         with tempfile.TemporaryDirectory(prefix="calora-bench-mem-", dir=args.workdir) as tmp:
-            base, lora = build(Path(tmp), size)
+            base, lora = build(Path(tmp), size, args.dtype)
             model_bytes = sum(f.stat().st_size for f in base.glob("*.safetensors"))
             row = {"model_gb": model_bytes / 1e9}
-            for stage in STAGES:
+            for stage in stages:
                 r = run_child(__file__, stage, str(base), str(lora), str(Path(tmp) / f"out-{stage}"))
                 row[stage] = (r["peak_rss"] - r["imports_rss"]) / 1e9
                 row[f"{stage}_wall"] = r["wall_s"]
             rows.append(row)
-    print("Peak RSS above the imports, GB (wall s), each stage in a fresh process\n")
-    print("| model GB | " + " | ".join(STAGES) + " |")
-    print("|---|" + "---|" * len(STAGES))
+    print(f"Peak RSS above the imports, GB (wall s), each stage in a fresh process; {args.dtype} models\n")
+    print("| model GB | " + " | ".join(stages) + " |")
+    print("|---|" + "---|" * len(stages))
     for row in rows:
-        print(f"| {row['model_gb']:.2f} | " + " | ".join(f"{row[s]:.2f} ({row[s + '_wall']:.0f} s)" for s in STAGES) + " |")
+        print(f"| {row['model_gb']:.2f} | " + " | ".join(f"{row[s]:.2f} ({row[s + '_wall']:.0f} s)" for s in stages) + " |")
     xs = [r["model_gb"] for r in rows]
-    print("\nslope of peak memory against model size: " + ", ".join(f"{s} {slope(xs, [r[s] for r in rows]):.2f}" for s in STAGES))
+    print("\nslope of peak memory against model size: " + ", ".join(f"{s} {slope(xs, [r[s] for r in rows]):.2f}" for s in stages))
     return 0
 
 

@@ -27,19 +27,20 @@ from measure import rss, run_child
 SHARD = "300MB"
 
 
-def build(root: Path, size_gb: float, hidden: int = 2048) -> tuple[Path, Path]:
+def build(root: Path, size_gb: float, hidden: int = 2048, dtype: str = "float32") -> tuple[Path, Path]:
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
     inter, vocab = hidden * 11 // 4, 32000
     per_layer = 4 * hidden * hidden + 3 * hidden * inter
-    layers = max(1, round((size_gb * 1e9 / 4 - vocab * hidden) / per_layer))
+    width = getattr(torch, dtype).itemsize
+    layers = max(1, round((size_gb * 1e9 / width - vocab * hidden) / per_layer))
     cfg = LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=16,
                       num_key_value_heads=16, vocab_size=vocab, tie_word_embeddings=True)
     torch.manual_seed(0)
     with torch.device("cpu"):
-        model = LlamaForCausalLM(cfg)
+        model = LlamaForCausalLM(cfg).to(getattr(torch, dtype))
     model.save_pretrained(root / "base", max_shard_size=SHARD)
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     peft_model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=targets, init_lora_weights=False))

@@ -353,16 +353,36 @@ def inherit(
     adapter: Annotated[Path, typer.Argument(help="The existing LoRA, trained on the uncompressed model.")],
     base: Annotated[Path, typer.Option("--base", help="The compressed model (GPTQ, NF4/int8 or pruned).")],
     output: Output,
+    compensate: Annotated[Optional[int], typer.Option("--compensate", help="Add a rank-R compensation of the "
+                          "compression error (EoRA-style, no training), in the same peft LoRA.")] = None,
+    teacher: Annotated[Optional[Path], typer.Option("--teacher", help="--compensate: the uncompressed model.")] = None,
+    calib: Annotated[Optional[Path], typer.Option("--calib", help="--compensate: calibration text.")] = None,
+    calib_samples: Annotated[int, typer.Option("--calib-samples", help="--compensate: calibration windows.")] = 32,
+    seq_len: Annotated[int, typer.Option("--seq-len", help="--compensate: tokens per calibration window.")] = 256,
+    compensate_space: Annotated[str, typer.Option("--compensate-space", help="eigen (the inputs' eigenspace, as EoRA) "
+                                "or plain (SVD of the weight error, the ablation).")] = "eigen",
+    compensate_all: Annotated[bool, typer.Option("--compensate-all", help="Compensate every linear of every block, "
+                              "not only the adapted ones.")] = False,
     allow_base_mismatch: AllowMismatch = False,
+    seed: Seed = 0,
+    device: Device = "cpu",
+    dtype: Dtype = "float32",
     force: Force = False,
     json_: Json = False,
     quiet: Quiet = False,
     debug: Debug = False,
 ) -> None:
-    """CA-LoRA knowledge inheritance: carry an existing LoRA's A and B onto a compressed model."""
+    """CA-LoRA knowledge inheritance: carry an existing LoRA's A and B onto a compressed model (with
+    --compensate, plus a training-free low-rank compensation of what compression removed)."""
     from calora_cli.methods.ca_lora.inherit import inherit as run
+    from calora_cli.methods.ca_lora.transfer import CompensateSpec
 
-    _emit(run(adapter, base, output, _opts(force=force, quiet=quiet, allow=allow_base_mismatch)), json_)
+    spec = None
+    if compensate is not None:
+        spec = CompensateSpec(compensate, teacher, calib, calib_samples, seq_len, compensate_space, compensate_all)
+    elif teacher is not None or calib is not None or compensate_all:
+        raise CaloraError("--teacher, --calib and --compensate-all go with --compensate RANK")
+    _emit(run(adapter, base, output, _opts(device, dtype, seed, force, quiet, allow_base_mismatch), spec), json_)
 
 
 @app.command()

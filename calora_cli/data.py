@@ -147,3 +147,15 @@ def batches(examples: Examples, batch_size: int, seed: int, with_index: bool = F
         for i in range(0, n - batch_size + 1 if n >= batch_size else 1, batch_size):
             idx = order[i : i + batch_size]
             yield {**examples.batch(idx), "index": idx} if with_index else examples.batch(idx)
+
+
+def calibration_batch(tokenizer, text: str, samples: int, seq_len: int, seed: int):
+    """`samples` windows of `seq_len` tokens at seeded random offsets of the text (as the references draw them)."""
+    import torch
+
+    ids = tokenize_text(tokenizer, text)
+    if ids.numel() < seq_len:
+        raise CaloraError(f"calibration text holds {ids.numel()} tokens, fewer than --seq-len {seq_len}")
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, ids.numel() - seq_len + 1, (samples,), generator=g)
+    return torch.stack([ids[s : s + seq_len] for s in starts.tolist()])

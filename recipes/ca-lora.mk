@@ -69,3 +69,60 @@ ca-lora: $(CA)/results.md
 	@cat $<
 $(CA)/results.md: $(CA_EVALS)
 	$(PY) ca_lora_table.py $(CA) "$(CA_COMPRESSIONS)" "$(CA_SEEDS)" $(CA)/results.png > $@
+
+# --- training-free transfer (inherit --compensate) beside the trained arms ------------------------
+#   make -C recipes ca-lora-compensate MODEL=smollm2      # docs/results/compensate-smollm2.md
+# Per compressed base: the LoRA as-is, the inherited LoRA + a rank-R compensation (no training, R in
+# CA_COMP_RANKS), and on the bases in CA_COMP_TRAINED: CA-LoRA started from the compensated adapter
+# (arm 6) and the compensated adapter trained further without recovery (arm 4c). Every arm is scored
+# on the held-out play and on the shipped SocialIQa and QuaRTz items (general ability).
+CA_COMP_RANKS   ?= 16 64
+CA_COMP_FROM    ?= 16
+CA_COMP_BASES   ?= gptq4 w24-gptq4 wanda50
+CA_COMP_TRAINED ?= gptq4
+CA_COMP_SEEDS   ?= 0
+CA_MC_LIMIT     ?= 200
+CA_MCARGS = $(CA_EVALARGS) --tasks $(DATA)/tasks/socialiqa.jsonl --tasks $(DATA)/tasks/quartz.jsonl --limit $(CA_MC_LIMIT)
+CA_COMP_CALIB = --calib $(CA_CALIB) --calib-samples $(CA_CALIB_SAMPLES) --seq-len $(CA_SEQ)
+CA_TIME = $(PY) timed.py
+
+$(CA)/mc-original.json: $(CA)/lora/calora.json
+	$(CALORA) eval $(CA_MODEL) --adapter $(CA)/lora $(CA_MCARGS) -o $@
+
+define CA_COMP_BASE
+$(CA)/$(1)/mc-asis.json: $(CA)/$(1)/model/calora.json $(CA)/lora/calora.json
+	$(CALORA) eval $(CA)/$(1)/model --adapter $(CA)/lora $(CA_MCARGS) -o $$@
+$(CA)/$(1)/comp%/calora.json: $(CA)/$(1)/model/calora.json $(CA)/lora/calora.json
+	$(CA_TIME) $(CA)/$(1)/comp$$*.time $(CALORA) inherit $(CA)/lora --base $(CA)/$(1)/model -o $(CA)/$(1)/comp$$* \
+	    --compensate $$* --teacher $(CA_MODEL) $(CA_COMP_CALIB) -q --force
+$(CA)/$(1)/mc-comp%.json: $(CA)/$(1)/comp%/calora.json
+	$(CALORA) eval $(CA)/$(1)/model --adapter $(CA)/$(1)/comp$$* $(CA_MCARGS) -o $$@
+endef
+
+define CA_COMP_RUN
+$(CA)/$(1)/s$(2)/calora-comp/calora.json: $(CA)/$(1)/comp$(CA_COMP_FROM)/calora.json
+	$(CA_TIME) $(CA)/$(1)/s$(2)/calora-comp.time $(CALORA) recover $(CA)/$(1)/comp$(CA_COMP_FROM) --base $(CA)/$(1)/model \
+	    --teacher $(CA_MODEL) --teacher-adapter $(CA)/lora --data $(CA_DATA) -o $(CA)/$(1)/s$(2)/calora-comp $(CA_TRAIN) \
+	    --seed $(2) --distill-weight $(CA_BETA)
+$(CA)/$(1)/s$(2)/inh-comp/calora.json: $(CA)/$(1)/comp$(CA_COMP_FROM)/calora.json
+	$(CA_TIME) $(CA)/$(1)/s$(2)/inh-comp.time $(CALORA) recover $(CA)/$(1)/comp$(CA_COMP_FROM) --base $(CA)/$(1)/model \
+	    --teacher $(CA_MODEL) --teacher-adapter $(CA)/lora --data $(CA_DATA) -o $(CA)/$(1)/s$(2)/inh-comp $(CA_TRAIN) \
+	    --seed $(2) --recovery-dim 0 --distill-weight 0
+$(CA)/$(1)/s$(2)/mc-%.json: $(CA)/$(1)/s$(2)/%/calora.json
+	$(CALORA) eval $(CA)/$(1)/model --adapter $(CA)/$(1)/s$(2)/$$* $(CA_MCARGS) -o $$@
+endef
+
+$(foreach c,$(CA_COMP_BASES),$(eval $(call CA_COMP_BASE,$(c))))
+$(foreach c,$(CA_COMP_TRAINED),$(foreach s,$(CA_COMP_SEEDS),$(eval $(call CA_COMP_RUN,$(c),$(s)))))
+
+CA_COMP_EVALS := $(CA)/mc-original.json \
+    $(foreach c,$(CA_COMP_BASES),$(CA)/$(c)/eval-base.json $(CA)/$(c)/mc-asis.json \
+        $(foreach r,$(CA_COMP_RANKS),$(CA)/$(c)/mc-comp$(r).json)) \
+    $(foreach c,$(CA_COMP_TRAINED),$(foreach s,$(CA_COMP_SEEDS),$(foreach a,inh calora calora-comp,$(CA)/$(c)/s$(s)/mc-$(a).json)))
+
+.PHONY: ca-lora-compensate
+ca-lora-compensate: $(CA)/compensate.md
+	@cat $<
+$(CA)/compensate.md: $(CA_COMP_EVALS)
+	$(PY) compensate_table.py $(CA) "$(CA_COMP_BASES)" "$(CA_COMP_RANKS)" "$(CA_COMP_TRAINED)" "$(CA_COMP_SEEDS)" \
+	    $(CA)/compensate.png > $@

@@ -227,7 +227,7 @@ def test_each_block_is_pruned_on_the_pruned_model_s_activations(tiny_base, calib
     from calora_cli.arch import block_linears, decoder_layers
     from calora_cli.compress.sequential import capture_inputs, collect_stats, prune_sequential, run_block
     from calora_cli.models import load_model, load_tokenizer
-    from calora_cli.stages.compress import calibration_batch
+    from calora_cli.data import calibration_batch
 
     calib = calibration_batch(load_tokenizer(tiny_base), calib_text.read_text(), 4, 32, seed=0)
     engine = load_model(tiny_base)

@@ -29,7 +29,7 @@ def _in_memory(base, method: str, sparsity: float, nm=None, rmi: bool = False) -
     from calora_cli.compress import sparsity_allocation as allocation
     from calora_cli.compress.sequential import input_grams, prune_sequential
     from calora_cli.models import load_model, load_tokenizer
-    from calora_cli.stages.compress import calibration_batch
+    from calora_cli.data import calibration_batch
 
     model = load_model(base)
     calib = None if method == "magnitude" else calibration_batch(load_tokenizer(base), TEXT.read_text(), 4, 32, seed=0)

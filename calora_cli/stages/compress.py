@@ -21,7 +21,7 @@ from calora_cli.artifacts import (
 from calora_cli.compress import METHODS, PRUNERS, pruner
 from calora_cli.compress.masks import parse_pattern, zeros
 from calora_cli.compress.sequential import block_errors_against
-from calora_cli.data import read_text, tokenize_text
+from calora_cli.data import calibration_batch, read_text
 from calora_cli.errors import CaloraError
 from calora_cli.models import load_tokenizer
 from calora_cli.progress import progress
@@ -100,18 +100,6 @@ class CompressSpec:
         if self.method in ("rtn-int8", "nf4"):
             p["bits"] = 8 if self.method == "rtn-int8" else 4
         return p
-
-
-def calibration_batch(tokenizer, text: str, samples: int, seq_len: int, seed: int):
-    """`samples` windows of `seq_len` tokens at seeded random offsets of the text (as the references draw them)."""
-    import torch
-
-    ids = tokenize_text(tokenizer, text)
-    if ids.numel() < seq_len:
-        raise CaloraError(f"calibration text holds {ids.numel()} tokens, fewer than --seq-len {seq_len}")
-    g = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, ids.numel() - seq_len + 1, (samples,), generator=g)
-    return torch.stack([ids[s : s + seq_len] for s in starts.tolist()])
 
 
 def compress_model(model_dir: Path, out: Path, spec: CompressSpec, opts: RunOptions) -> dict:

@@ -9,19 +9,23 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 
 from calora_cli import adapters
+from calora_cli.adapters import lora
 from calora_cli.arch import PEFT_PREFIX, expected_shape
 from calora_cli.artifacts import (
     atomic_output,
     check_output,
+    data_input,
     open_artifact,
     read_safetensors_header,
     write_manifest,
 )
+from calora_cli.methods.ca_lora.transfer import CompensateSpec
 from calora_cli.errors import CaloraError
-from calora_cli.run import RunOptions, check_fits
+from calora_cli.run import RunOptions, check_descends, check_fits
 
 log = logging.getLogger(__name__)
 
@@ -44,12 +48,21 @@ def base_module_shapes(base) -> tuple[dict[str, tuple[int, int] | None], bool]:
     return shapes, quantized
 
 
-def inherit(adapter: Path, base: Path, out: Path, opts: RunOptions) -> dict:
+def inherit(adapter: Path, base: Path, out: Path, opts: RunOptions, compensation: CompensateSpec | None = None) -> dict:
+    """Carry the LoRA over; with `compensation`, add a low-rank compensation of the compression
+    error to it (transfer.py), still one plain peft LoRA."""
     from safetensors.torch import save_file
 
     check_output(out, opts.force)
     ad_art = open_artifact(adapter, expect="adapter", role="adapter")
     base_art = open_artifact(base, expect="model", role="base")
+    teacher_art = None
+    if compensation is not None:
+        compensation.check()
+        if adapters.describe(ad_art) != "lora":
+            raise CaloraError(f"--compensate takes a plain LoRA; {adapter} is a {adapters.describe(ad_art)} adapter")
+        teacher_art = open_artifact(compensation.teacher, expect="model", role="teacher")
+        check_descends(base_art, teacher_art, "compressed from the teacher", opts)
     check_fits(ad_art, base_art, opts)
     factors = adapters.factors(ad_art)
     if adapters.is_kind(ad_art, "masked"):
@@ -70,13 +83,46 @@ def inherit(adapter: Path, base: Path, out: Path, opts: RunOptions) -> dict:
     config, state = adapters.lora_files(ad_art)  # a NOLA adapter is carried over expanded, as a plain LoRA
     keep = {k: v for k, v in state.items() if k.split(".lora_")[0].removeprefix(PEFT_PREFIX) in carried}
     config["base_model_name_or_path"] = str(base_art.path)
+    metrics: dict = {"carried": len(carried), "skipped": skipped}
+    params: dict = {"quantized_base": quantized}
+    inputs = {"adapter": ad_art.input_record(), "base": base_art.input_record()}
     with atomic_output(out, opts.force) as tmp:
         save_file(keep, tmp / "adapter_model.safetensors", metadata={"format": "pt"})
         (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        metrics = {"carried": len(carried), "skipped": skipped}
-        write_manifest(tmp, kind="adapter", stage="inherit", params={"quantized_base": quantized},
-                       inputs={"adapter": ad_art.input_record(), "base": base_art.input_record()},
-                       metrics=metrics, base_fingerprint=base_art.fingerprint)
+        if compensation is not None:
+            t0 = time.time()
+            config, keep, removed = _compensate(tmp, base_art, teacher_art, {m: factors[m] for m in carried}, config,
+                                                compensation, opts)
+            lora.write(tmp, config, keep)
+            metrics.update(compensation_removed=removed, mean_compensation_removed=sum(removed.values()) / len(removed),
+                           compensation_seconds=round(time.time() - t0, 2))
+            params.update(compensation.params())
+            inputs.update(teacher=teacher_art.input_record(), calib=data_input(compensation.calib))
+        write_manifest(tmp, kind="adapter", stage="inherit", params=params, inputs=inputs, metrics=metrics,
+                       base_fingerprint=base_art.fingerprint)
     for module, why in skipped.items():
         log.warning(f"not carried over: {module} ({why})")
-    return {"output": str(out), "carried": len(carried), "skipped": len(skipped)}
+    summary = {"output": str(out), "carried": len(carried), "skipped": len(skipped)}
+    if compensation is not None:
+        summary.update({k: metrics[k] for k in ("mean_compensation_removed", "compensation_seconds")})
+    return summary
+
+
+def _compensate(tmp: Path, base_art, teacher_art, factors: dict, config: dict, spec: CompensateSpec, opts: RunOptions):
+    """The inherited LoRA (just written to `tmp`) on the compressed base, the compensation of each
+    layer from its calibration inputs in that model, and the combined LoRA."""
+    from calora_cli.arch import adapted_linears, decoder_layers
+    from calora_cli.data import calibration_batch, read_text
+    from calora_cli.methods.ca_lora.transfer import combined_lora, compensate_model
+    from calora_cli.models import load_adapter, load_model, load_tokenizer
+    from calora_cli.progress import progress
+    from calora_cli.run import seed_everything
+
+    seed_everything(opts.seed)
+    calib = calibration_batch(load_tokenizer(base_art.path), read_text(spec.calib), spec.calib_samples, spec.seq_len, opts.seed)
+    model = load_adapter(load_model(base_art.path, opts.device, opts.dtype), tmp)
+    targets = sorted(adapted_linears(model)) if spec.all_linears else sorted(factors)
+    with progress("compensate", len(decoder_layers(model.get_base_model())), opts.show_progress) as advance:
+        comps, removed = compensate_model(model, targets, teacher_art.weights, calib, spec, on_block=advance)
+    config, state = combined_lora(config, factors, comps)
+    return config, state, removed
