@@ -221,8 +221,14 @@ def eval_(
     stride: Annotated[Optional[int], typer.Option("--stride", help="Overlapping windows every STRIDE tokens (off by default).")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size")] = 4,
     limit: Annotated[Optional[int], typer.Option("--limit", help="Score only the first N items of each task.")] = None,
+    harness: Annotated[Optional[str], typer.Option("--harness", help="lm-evaluation-harness tasks, comma-separated "
+                       "(needs the [harness] extra); e.g. socialiqa_local with --harness-include recipes/tasks.")] = None,
+    harness_include: Annotated[Optional[Path], typer.Option("--harness-include", help="A folder of lm-eval task "
+                               "YAML files (recipes/tasks: the shipped items, offline).")] = None,
+    num_fewshot: Annotated[Optional[int], typer.Option("--num-fewshot", help="--harness: few-shot examples per item.")] = None,
     output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Also write the results JSON to this file.")] = None,
     allow_base_mismatch: AllowMismatch = False,
+    seed: Seed = 0,
     device: Device = "cpu",
     dtype: Dtype = "float32",
     force: Force = False,
@@ -230,15 +236,17 @@ def eval_(
     quiet: Quiet = False,
     debug: Debug = False,
 ) -> None:
-    """Perplexity on text and multiple-choice accuracy (acc, acc_norm), optionally with an adapter."""
+    """Perplexity (and bits per byte) on text, multiple-choice accuracy (acc, acc_norm), lm-eval tasks; optionally with an adapter."""
     from calora_cli.artifacts import check_output
     from calora_cli.stages.evaluate import evaluate
 
     if output is not None:
         check_output(output, force)
+    if harness_include is not None and not harness:
+        raise CaloraError("--harness-include goes with --harness TASKS")
     result = evaluate(
         model,
-        _opts(device, dtype, 0, force, quiet, allow_base_mismatch),
+        _opts(device, dtype, seed, force, quiet, allow_base_mismatch),
         adapter=adapter,
         ppl_file=ppl,
         task_files=tasks,
@@ -246,12 +254,37 @@ def eval_(
         stride=stride,
         batch_size=batch_size,
         limit=limit,
+        harness=[t.strip() for t in harness.split(",") if t.strip()] if harness else None,
+        harness_include=harness_include,
+        num_fewshot=num_fewshot,
     )
     if output is not None:
         from calora_cli.artifacts import write_json_atomic
 
         write_json_atomic(output, result)
-    _emit(result, json_)
+    if json_ or "harness" not in result:
+        _emit(result, json_)
+        return
+    _emit({k: v for k, v in result.items() if k != "harness"}, False)
+    if is_writer():
+        _harness_table(result["harness"])
+
+
+def _harness_table(results: dict) -> None:
+    """lm-eval's results as the harness prints them: a row per task and metric, value and stderr."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="lm-evaluation-harness", title_justify="left")
+    for col in ("task", "metric", "value", "stderr", "n"):
+        table.add_column(col, justify="right" if col in ("value", "stderr", "n") else "left")
+    for task, metrics in results.items():
+        for name, value in metrics.items():
+            if name == "n" or name.endswith("_stderr"):
+                continue
+            err = metrics.get(f"{name}_stderr")
+            table.add_row(task, name, _fmt(value), "" if err is None else f"± {_fmt(err)}", str(metrics.get("n") or ""))
+    Console(file=_STDOUT.get() or sys.stdout).print(table, highlight=False)
 
 
 @app.command()

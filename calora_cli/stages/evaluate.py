@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from calora_cli import adapters
@@ -22,13 +23,18 @@ def evaluate(
     stride: int | None = None,
     batch_size: int = 4,
     limit: int | None = None,
+    harness: list[str] | None = None,
+    harness_include: Path | None = None,
+    num_fewshot: int | None = None,
 ) -> dict:
     from calora_cli.evaluation.multiple_choice import accuracy
     from calora_cli.evaluation.perplexity import perplexity
 
     task_files = task_files or []
-    if ppl_file is None and not task_files:
-        raise CaloraError("nothing to evaluate: give --ppl FILE.txt and/or --tasks FILE.jsonl")
+    if ppl_file is None and not task_files and not harness:
+        raise CaloraError("nothing to evaluate: give --ppl FILE.txt, --tasks FILE.jsonl and/or --harness TASKS")
+    if num_fewshot is not None and num_fewshot < 0:
+        raise CaloraError(f"--num-fewshot must be >= 0, got {num_fewshot}")
     if seq_len < 2:
         raise CaloraError(f"--seq-len must be at least 2, got {seq_len}")
     if stride is not None and not 1 <= stride <= seq_len:
@@ -36,6 +42,11 @@ def evaluate(
     model_art, adapter_art = open_model_and_adapter(model_dir, adapter, opts)
     text = read_text(ppl_file) if ppl_file is not None else None
     tasks = {Path(f).stem: read_multiple_choice(f)[:limit] for f in task_files}
+    manager = None
+    if harness:
+        from calora_cli.evaluation import harness as bridge
+
+        manager = bridge.check_tasks(harness, harness_include)  # before the model loads: bad names fail fast
 
     tokenizer = load_tokenizer(model_dir)
     model = load_model(model_dir, opts.device, opts.dtype)
@@ -51,10 +62,36 @@ def evaluate(
         n_windows = len(windows(ids.numel(), seq_len, stride))
         with progress("perplexity", n_windows, opts.show_progress) as advance:
             ppl = perplexity(model, ids, seq_len, stride, batch_size, on_batch=advance)
-        result.update(perplexity=ppl.perplexity, tokens=ppl.tokens)
+        scored_bytes = predicted_bytes(tokenizer, text, ids, seq_len, stride)
+        result.update(perplexity=ppl.perplexity, tokens=ppl.tokens, bytes=scored_bytes,
+                      bits_per_byte=ppl.nll / (scored_bytes * math.log(2)), byte_perplexity=math.exp(ppl.nll / scored_bytes))
     result["tasks"] = {}
     for name, items in tasks.items():
         with progress(name, len(items), opts.show_progress) as advance:
             r = accuracy(model, tokenizer, items, max_len=seq_len, on_item=advance)
         result["tasks"][name] = {"acc": r.acc, "acc_norm": r.acc_norm, "n": r.n}
+    if harness:
+        with progress("lm-eval", None, opts.show_progress):
+            result["harness"] = bridge.run(model, tokenizer, harness, manager, num_fewshot, limit, batch_size, seq_len,
+                                           opts.seed)
     return result
+
+
+def predicted_bytes(tokenizer, text: str, ids, seq_len: int, stride: int | None) -> int:
+    """UTF-8 bytes of the tokens the perplexity windows predict: the whole text's, less those of the
+    tokens no window predicts (the first of each window that has no context before it).
+
+    Bits per byte and byte perplexity are then lm-eval's (NLL in bits, or nats, per byte of the
+    predicted text), comparable across tokenizers."""
+    from calora_cli.evaluation.perplexity import windows
+
+    scored = set()
+    for w in windows(ids.numel(), seq_len, stride):
+        scored.update(range(w.score_from, w.end))
+    unscored = [i for i in range(ids.numel()) if i not in scored]
+    try:
+        offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        lost = sum(len(text[offsets[i][0]:offsets[i][1]].encode("utf-8")) for i in unscored)
+    except (NotImplementedError, KeyError, TypeError):  # a slow tokenizer has no offsets: decode those tokens
+        lost = sum(len(tokenizer.decode([int(ids[i])]).encode("utf-8")) for i in unscored)
+    return max(1, len(text.encode("utf-8")) - lost)
