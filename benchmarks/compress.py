@@ -66,6 +66,23 @@ def perplexity(model: Path, text: Path, seq_len: int) -> float:
     return json.loads(out)["perplexity"]
 
 
+def sparsity_by_group(path: Path) -> str:
+    """Share of exact zeros per tensor group (embedding, attention, MLP, other), to show what a tool pruned."""
+    from safetensors import safe_open
+
+    zeros: dict[str, list[int]] = {}
+    for f in sorted(path.rglob("*.safetensors")):
+        with safe_open(f, framework="pt") as sf:
+            for name in sf.keys():
+                t = sf.get_tensor(name)
+                group = ("embedding" if "embed" in name or "lm_head" in name else "attention" if "self_attn" in name
+                         else "mlp" if ".mlp." in name else "other")
+                z = zeros.setdefault(group, [0, 0])
+                z[0] += int((t == 0).sum())
+                z[1] += t.numel()
+    return ", ".join(f"{g} {z / n:.0%}" for g, (z, n) in sorted(zeros.items()))
+
+
 def size_mb(path: Path) -> float:
     return sum(p.stat().st_size for p in path.rglob("*.safetensors")) / 2**20
 
@@ -82,7 +99,9 @@ model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
 tok = AutoTokenizer.from_pretrained(src)
 ds = Dataset.from_dict({"input_ids": windows, "attention_mask": [[1] * len(w) for w in windows]})
 mod = {"wanda": WandaPruningModifier, "sparsegpt": SparseGPTModifier}[method]
-recipe = mod(sparsity=0.5, mask_structure="0:0", targets=["Linear"], ignore=["lm_head"])
+# the decoder blocks' linears only, by module path: with targets=["Linear"] and ignore=["lm_head"],
+# the tied embedding's name (model.embed_tokens, shared with lm_head) is not what the ignore matches
+recipe = mod(sparsity=0.5, mask_structure="0:0", targets=[r"re:.*layers\.\d+\..*_proj$"], ignore=["lm_head"])
 oneshot(model=model, dataset=ds, recipe=recipe, num_calibration_samples=len(windows), max_seq_length=len(windows[0]))
 model.save_pretrained(out); tok.save_pretrained(out)
 '''
@@ -102,13 +121,14 @@ def main() -> int:
         sys.exit(f"no model at {args.model}: run `make -C recipes tiny` first, or pass --model")
 
     base_ppl = perplexity(args.model, args.eval, args.seq_len)
-    rows = [("uncompressed", "-", None, size_mb(args.model), base_ppl)]
+    rows = [("uncompressed", "-", None, size_mb(args.model), base_ppl, sparsity_by_group(args.model))]
     common = ["--calib", str(args.calib), "--calib-samples", str(args.calib_samples), "--seq-len", str(args.seq_len)]
     with tempfile.TemporaryDirectory(prefix="calora-bench-") as tmp:
         for name in args.methods.split(","):
             out = Path(tmp) / name.replace(" ", "_").replace("%", "").replace(":", "of").replace("+", "then")
             secs, rss, _ = run_measured([*CALORA, "compress", str(args.model), "-o", str(out), *METHODS[name], *common, "--json", "-q"])
-            rows.append((f"calora {name}", f"{secs:.1f}", rss, size_mb(out), perplexity(out, args.eval, args.seq_len)))
+            rows.append((f"calora {name}", f"{secs:.1f}", rss, size_mb(out), perplexity(out, args.eval, args.seq_len),
+                         sparsity_by_group(out) if "gptq" not in name and name not in ("nf4", "rtn-int8") else "-"))
             print(f"done: {name}", file=sys.stderr)
         if args.llmcompressor_python:
             from calora_cli.data import read_text
@@ -121,15 +141,16 @@ def main() -> int:
             for method in ("wanda", "sparsegpt"):
                 out = Path(tmp) / f"llmc-{method}"
                 secs, rss, _ = run_measured([str(args.llmcompressor_python), "-c", LLMC, str(args.model), str(out), method, str(wfile)])
-                rows.append((f"llm-compressor {method} 50%", f"{secs:.1f}", rss, size_mb(out), perplexity(out, args.eval, args.seq_len)))
+                rows.append((f"llm-compressor {method} 50%", f"{secs:.1f}", rss, size_mb(out),
+                             perplexity(out, args.eval, args.seq_len), sparsity_by_group(out)))
 
     print(f"\nmodel {args.model} · calibration {args.calib.name} ({args.calib_samples}x{args.seq_len} tokens) · "
           f"perplexity on {args.eval.name} (windows of {args.seq_len}) · {os.cpu_count()} CPU cores\n")
-    print("| method | seconds | peak RSS (MiB) | weights (MiB) | perplexity | vs uncompressed |")
-    print("|---|---|---|---|---|---|")
-    for name, secs, rss, mb, ppl in rows:
+    print("| method | seconds | peak RSS (MiB) | weights (MiB) | perplexity | vs uncompressed | zeros per tensor group |")
+    print("|---|---|---|---|---|---|---|")
+    for name, secs, rss, mb, ppl, groups in rows:
         rel = f"{ppl / base_ppl:.3f}x" if name != "uncompressed" else "1x"
-        print(f"| {name} | {secs} | {'-' if rss is None else f'{rss:.0f}'} | {mb:.1f} | {ppl:.2f} | {rel} |")
+        print(f"| {name} | {secs} | {'-' if rss is None else f'{rss:.0f}'} | {mb:.1f} | {ppl:.2f} | {rel} | {groups} |")
     return 0
 
 

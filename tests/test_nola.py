@@ -1,4 +1,4 @@
-"""NOLA basis generation and layer math (the CLI stages come with issue #8)."""
+"""NOLA: basis generation pinned, layer math, the train/compress/expand stages and their artifacts."""
 
 import pytest
 import torch
