@@ -71,6 +71,21 @@ def trained_base(request, data_dir) -> Path:
 
 
 @pytest.fixture(scope="session")
+def trained_lora(request, trained_base, data_dir) -> Path:
+    """A LoRA trained on trained_base (as tiny_lora is on tiny_base)."""
+    from calora_cli.run import RunOptions
+    from calora_cli.stages.finetune import train_lora
+    from calora_cli.train import TrainConfig
+
+    def build(out: Path) -> None:
+        text = data_dir / "shakespeare" / "train-tragedies.txt"
+        cfg = TrainConfig(steps=20, lr=1e-2, batch_size=4, seq_len=64, seed=0)
+        train_lora(trained_base, text, out, cfg, RunOptions(show_progress=False, force=True), rank=4)
+
+    return _cached(request, "trained-lora", build)
+
+
+@pytest.fixture(scope="session")
 def other_base(request) -> Path:
     """Same shapes as tiny_base, other weights: for adapter-for-another-base errors."""
     return _cached(request, "other-base", lambda out: save_tiny_base(out, seed=1))

@@ -16,9 +16,9 @@ GPTQ = dict(group_size=32, calib_samples=8, seq_len=64)
 
 
 @pytest.fixture(scope="module")
-def gptq_base(tiny_base, calib_text, tmp_path_factory):
+def gptq_base(trained_base, calib_text, tmp_path_factory):
     out = tmp_path_factory.mktemp("gptq") / "gptq4"
-    compress_model(tiny_base, out, CompressSpec("gptq", calib=calib_text, **GPTQ), RunOptions(show_progress=False))
+    compress_model(trained_base, out, CompressSpec("gptq", calib=calib_text, **GPTQ), RunOptions(show_progress=False))
     return out
 
 
@@ -80,16 +80,16 @@ def _ppl(cli, model, text):
     return _ok(cli("eval", model, "--ppl", text, "--seq-len", "64", "--json"))["perplexity"]
 
 
-def test_gptq_merge_reloads_and_stays_close_to_the_unquantized_merge(cli, gptq_base, tiny_lora, small_text, tmp_path):
+def test_gptq_merge_reloads_and_stays_close_to_the_unquantized_merge(cli, gptq_base, trained_lora, small_text, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    dense = _ok(cli("merge", gptq_base, "--adapter", tiny_lora, "-o", tmp_path / "dense", "--dense", "--json"))
+    dense = _ok(cli("merge", gptq_base, "--adapter", trained_lora, "-o", tmp_path / "dense", "--dense", "--json"))
     assert dense["merged_modules"] == 14
     assert "quantization_config" not in json.loads((tmp_path / "dense" / "config.json").read_text())
     # the dense merge is the quantized base with the adapter attached, folded: the dequantized
     # weights (checked against gptqmodel above) plus the delta of the LoRA peft loaded, and the same logits
-    attached = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(gptq_base, device_map="cpu"), tiny_lora)
+    attached = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(gptq_base, device_map="cpu"), trained_lora)
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "dense")
     base_w = {m: dequantize(p, 4, v1=False) for m, p in _parts(gptq_base).items()}
     merged_sd = merged.state_dict()
@@ -101,12 +101,15 @@ def test_gptq_merge_reloads_and_stays_close_to_the_unquantized_merge(cli, gptq_b
             torch.testing.assert_close(merged_sd[f"{module}.weight"], expected, rtol=0, atol=1e-6)
     x = torch.randint(0, 500, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        # gptqmodel's kernel runs on float16-rounded weights, hence the looser logit tolerance
-        torch.testing.assert_close(merged(x).logits, attached(x).logits, rtol=0, atol=1e-2)
+        # gptqmodel's kernel runs on float16-rounded weights, hence the looser logit tolerance (the
+        # trained fixture's logits span about +-15: 0.05 is a third of a percent of that)
+        a, m = attached(x).logits, merged(x).logits
+        torch.testing.assert_close(m, a, rtol=0, atol=5e-2)
+        assert float((m - a).abs().mean()) < 5e-3
 
     ref = _ppl(cli, tmp_path / "dense", small_text)
     for grid in ("fresh", "keep"):
-        s = _ok(cli("merge", gptq_base, "--adapter", tiny_lora, "-o", tmp_path / grid, "--grid", grid, "--json"))
+        s = _ok(cli("merge", gptq_base, "--adapter", trained_lora, "-o", tmp_path / grid, "--grid", grid, "--json"))
         assert s["merged_modules"] == 14 and 0 < s["delta_kept"] <= 1.5
         cfg = json.loads((tmp_path / grid / "config.json").read_text())["quantization_config"]
         assert cfg["bits"] == 4 and cfg["group_size"] == 32
@@ -119,29 +122,29 @@ def test_gptq_merge_reloads_and_stays_close_to_the_unquantized_merge(cli, gptq_b
     assert all(not torch.equal(base_w[m], new_w[m]) for m in base_w)
 
 
-def test_gptq_merge_on_a_pruned_base_keeps_every_zero(cli, tiny_base, tiny_lora, calib_text, tmp_path):
+def test_gptq_merge_on_a_pruned_base_keeps_every_zero(cli, trained_base, trained_lora, calib_text, tmp_path):
     base = tmp_path / "w24q"
-    compress_model(tiny_base, base, CompressSpec("wanda", 0.5, pattern="2:4", then="gptq", calib=calib_text, **GPTQ),
+    compress_model(trained_base, base, CompressSpec("wanda", 0.5, pattern="2:4", then="gptq", calib=calib_text, **GPTQ),
                    RunOptions(show_progress=False))
-    s = _ok(cli("merge", base, "--adapter", tiny_lora, "-o", tmp_path / "m", "--keep-sparsity", "--json"))
+    s = _ok(cli("merge", base, "--adapter", trained_lora, "-o", tmp_path / "m", "--keep-sparsity", "--json"))
     assert s["zeros_filled"] == 0 and s["sparsity_after"] >= s["sparsity_before"] >= 0.5
     before, after = _loaded_dequantized(base), _loaded_dequantized(tmp_path / "m")
     for m in before:
         assert (after[m][before[m] == 0] == 0).all(), m
         assert not torch.equal(after[m], before[m]), m
     # without the mask the merge fills the pruned zeros and says so
-    r = cli("merge", base, "--adapter", tiny_lora, "-o", tmp_path / "naive", "--json")
+    r = cli("merge", base, "--adapter", trained_lora, "-o", tmp_path / "naive", "--json")
     assert r.exit_code == 0 and "filled" in r.stderr and json.loads(r.stdout)["zeros_filled"] > 0
 
 
-def test_merge_refuses_bitsandbytes_bases(cli, tiny_base, tiny_lora, tmp_path):
-    _ok(cli("compress", tiny_base, "-o", tmp_path / "nf4", "--method", "nf4", "--json"))
-    line = one_line_error(cli("merge", tmp_path / "nf4", "--adapter", tiny_lora, "-o", tmp_path / "out"))
+def test_merge_refuses_bitsandbytes_bases(cli, trained_base, trained_lora, tmp_path):
+    _ok(cli("compress", trained_base, "-o", tmp_path / "nf4", "--method", "nf4", "--json"))
+    line = one_line_error(cli("merge", tmp_path / "nf4", "--adapter", trained_lora, "-o", tmp_path / "out"))
     assert "merging into a bitsandbytes base is not supported" in line
     assert not (tmp_path / "out").exists()
 
 
-def test_dense_merge_of_a_sharded_gptq_base_rewrites_the_index(cli, gptq_base, tiny_lora, tmp_path):
+def test_dense_merge_of_a_sharded_gptq_base_rewrites_the_index(cli, gptq_base, trained_lora, tmp_path):
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM
 
@@ -157,7 +160,7 @@ def test_dense_merge_of_a_sharded_gptq_base_rewrites_the_index(cli, gptq_base, t
     index = {"metadata": {}, "weight_map": {k: name for name, part in shards.items() for k in part}}
     (sharded / "model.safetensors.index.json").write_text(json.dumps(index))
 
-    _ok(cli("merge", sharded, "--adapter", tiny_lora, "-o", tmp_path / "m", "--dense", "--allow-base-mismatch", "--json"))
+    _ok(cli("merge", sharded, "--adapter", trained_lora, "-o", tmp_path / "m", "--dense", "--allow-base-mismatch", "--json"))
     weight_map = json.loads((tmp_path / "m" / "model.safetensors.index.json").read_text())["weight_map"]
     assert weight_map["model.layers.1.self_attn.q_proj.weight"] == "b.safetensors"
     assert not any(k.endswith((".qweight", ".qzeros", ".scales", ".g_idx")) for k in weight_map)

@@ -224,11 +224,11 @@ def test_expand_export_loads_in_peft_and_the_weight_fit_recovers_a_nola_born_ada
     assert json.loads((tmp_path / "again" / "calora.json").read_text())["params"]["init"] == "als"
 
 
-def test_distillation_beats_the_weight_fit_on_held_out_outputs_and_4_bit_coefficients_load(cli, tiny_base, data_dir,
+def test_distillation_beats_the_weight_fit_on_held_out_outputs_and_4_bit_coefficients_load(cli, trained_base, data_dir,
                                                                                           small_text, tmp_path):
     train = data_dir / "shakespeare" / "train-tragedies.txt"
     # a LoRA that really changes the model, so there is something to match
-    _ok(cli("train", tiny_base, "-o", tmp_path / "lora", "--data", train, "--steps", "20", "--lr", "1e-2", "--seq-len", "64",
+    _ok(cli("train", trained_base, "-o", tmp_path / "lora", "--data", train, "--steps", "20", "--lr", "1e-2", "--seq-len", "64",
             "--batch-size", "4", "--json"))
     common = ["--method", "nola", "--bases", "64,32", "--data", train, "--seq-len", "64", "--batch-size", "4", "--json"]
     fit_only = _ok(cli("compress", tmp_path / "lora", "-o", tmp_path / "fit", *common, "--steps", "0"))
@@ -237,7 +237,7 @@ def test_distillation_beats_the_weight_fit_on_held_out_outputs_and_4_bit_coeffic
     assert distilled["heldout_kl"] < fit_only["heldout_kl"]  # held-out examples, kept out of distillation
     q4 = _ok(cli("compress", tmp_path / "lora", "-o", tmp_path / "q4", *common, "--steps", "40", "--lr", "1e-2", "--coef-bits", "4"))
     assert q4["bytes_nola"] < distilled["bytes_nola"]
-    ppl = {name: _ok(cli("eval", tiny_base, "--adapter", tmp_path / name, "--ppl", small_text, "--seq-len", "64", "--json"))["perplexity"]
+    ppl = {name: _ok(cli("eval", trained_base, "--adapter", tmp_path / name, "--ppl", small_text, "--seq-len", "64", "--json"))["perplexity"]
            for name in ("d", "q4")}
     assert ppl["q4"] == pytest.approx(ppl["d"], rel=0.02)  # 4-bit coefficients cost little
 

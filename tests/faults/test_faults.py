@@ -27,8 +27,9 @@ COUNTS = {"trials": 0, "running_when_killed": 0, "complete_outputs_verified": 0,
 
 def stages(base: Path, lora: Path, pruned: Path) -> dict[str, list]:
     return {
+        # streamed, with every activation spilled to disk: a kill must leave no output and no spill folder
         "compress": ["compress", base, "--method", "wanda", "--sparsity", "0.5", "--calib", TEXT, "--calib-samples", "8",
-                     "--seq-len", "32"],
+                     "--seq-len", "32", "--activation-memory", "1e-9"],
         "train": ["train", base, "--data", TEXT, *SMALL, "--steps", "15"],
         "merge": ["merge", base, "--adapter", lora],
         "inherit": ["inherit", lora, "--base", pruned],
