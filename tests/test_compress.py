@@ -144,11 +144,12 @@ def _kl(reference, model_dir, text) -> float:
     return float((p.exp() * (p - q)).sum(-1).mean())
 
 
-# Bounds measured on the trained fixture: perplexity GPTQ-4 g32 +0.1%, NF4 +2.1%; KL 1.0e-4 and
+# Bounds measured on the trained fixture: perplexity GPTQ-4 g32 +0.1%, NF4 -0.04%; KL 1.1e-4 and
 # 5.0e-4. A random-init model predicts nearly uniformly whatever is done to it; on this one a GPTQ
-# model with every scale 15% off gives KL 1.8e-3, which the GPTQ bound rejects.
+# model with every scale 15% off gives KL 1.8e-3, and the NF4 model saved after bitsandbytes had
+# repacked it for its CPU kernel (the bug the next test pins) 1.6e-2: both bounds reject them.
 @pytest.mark.parametrize("method, extra, bound, kl", [("gptq", ["--bits", "4", "--group-size", "32"], 0.01, 5e-4),
-                                                      ("nf4", [], 0.04, 1.5e-3)])
+                                                      ("nf4", [], 0.01, 1.5e-3)])
 def test_quantized_model_reloads_and_stays_close(cli, trained_base, calib_text, small_text, tmp_path, method, extra, bound, kl):
     from transformers import AutoModelForCausalLM
 
@@ -162,10 +163,19 @@ def test_quantized_model_reloads_and_stays_close(cli, trained_base, calib_text, 
     text = small_text.read_text()[:8000]
     before, after = _ppl(trained_base, text), _ppl(out, text)
     assert before < 150  # far from uniform (vocabulary 512): the fixture is trained
-    assert 0 < after / before - 1 < bound, (before, after)
+    assert abs(after / before - 1) < bound, (before, after)
     assert 0 < _kl(trained_base, out, text) < kl
     assert s["weights_bytes"] < (trained_base / "model.safetensors").stat().st_size
     assert 0 < s["mean_block_rel_error"] < 0.05
+
+
+def test_nf4_output_does_not_depend_on_the_block_error_pass(cli, trained_base, calib_text, tmp_path):
+    """With --calib, compress measures block errors by running the quantized model; bitsandbytes
+    repacks 4-bit weights on a CPU forward, so the model must be saved before that pass."""
+    _compress(cli, trained_base, tmp_path / "plain", "--method", "nf4")
+    s = _compress(cli, trained_base, tmp_path / "calib", "--method", "nf4", "--calib", calib_text, *CAL)
+    assert s["mean_block_rel_error"] > 0
+    assert (tmp_path / "plain" / "model.safetensors").read_bytes() == (tmp_path / "calib" / "model.safetensors").read_bytes()
 
 
 @pytest.mark.parametrize(

@@ -142,9 +142,12 @@ def _quantize(src, tmp: Path, tokenizer, calib, spec: CompressSpec, nm, opts: Ru
         from calora_cli.compress import bnb
 
         model = bnb.quantize(src.path, spec.method, opts.device, opts.dtype)
-    metrics.update(block_errors_against(model, src.weights, calib))
+    # saved before any forward pass: bitsandbytes repacks 4-bit weights for its CPU kernel on the
+    # first forward (bf16 absmax in another layout), and saving that repacked state wrote a model
+    # 30x further from the original (KL) than the one quantized
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
+    metrics.update(block_errors_against(model, src.weights, calib))
     if spec.method == "gptq" or spec.then == "gptq":
         from calora_cli.compress.gptq import strip_calibration
 
