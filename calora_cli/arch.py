@@ -105,3 +105,15 @@ def linear_shapes(config: dict) -> dict[str, tuple[int, int]]:
 def expected_shape(config: dict, module: str) -> tuple[int, int] | None:
     """(out, in) of the block linear at a module path (model.layers.3.mlp.up_proj), from config.json."""
     return linear_shapes(config).get(module.rsplit(".", 1)[-1])
+
+
+def final_logits(model, hidden: "torch.Tensor") -> "torch.Tensor":
+    """What the model's head makes of the last block's output: final norm, output projection, and
+    Gemma2's logit soft-capping (the part of each family's forward after its layers)."""
+    import torch
+
+    logits = model.lm_head(model.model.norm(hidden))
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits

@@ -226,6 +226,10 @@ def eval_(
     harness_include: Annotated[Optional[Path], typer.Option("--harness-include", help="A folder of lm-eval task "
                                "YAML files (recipes/tasks: the shipped items, offline).")] = None,
     num_fewshot: Annotated[Optional[int], typer.Option("--num-fewshot", help="--harness: few-shot examples per item.")] = None,
+    stream: Annotated[Optional[bool], typer.Option("--stream/--no-stream", help="Read the model one decoder layer at a "
+                      "time (default: when it would take more than half the free memory).")] = None,
+    activation_memory: Annotated[float, typer.Option("--activation-memory", help="--stream: GB of hidden states kept in "
+                                 "memory between layers; beyond it they spill to a temporary folder.")] = 2.0,
     output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Also write the results JSON to this file.")] = None,
     allow_base_mismatch: AllowMismatch = False,
     seed: Seed = 0,
@@ -257,6 +261,8 @@ def eval_(
         harness=[t.strip() for t in harness.split(",") if t.strip()] if harness else None,
         harness_include=harness_include,
         num_fewshot=num_fewshot,
+        stream=stream,
+        activation_gb=activation_memory,
     )
     if output is not None:
         from calora_cli.artifacts import write_json_atomic

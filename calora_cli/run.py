@@ -56,3 +56,33 @@ def check_descends(model: Artifact, origin: Artifact, what: str, opts: RunOption
     --allow-base-mismatch. `what`: how it should have been made ("pruned from")."""
     if origin.fingerprint not in model.lineage and not opts.allow_base_mismatch:
         raise CaloraError(f"{model.path} was not {what} {origin.path}; pass --allow-base-mismatch to use it anyway")
+
+
+def available_memory() -> int:
+    """Bytes of memory this machine can still give (MemAvailable), or a large number if unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 1 << 62
+
+
+def resident_bytes(model: Artifact, dtype: str) -> int:
+    """Bytes a model takes loaded whole in `dtype` (its floating tensors upcast or downcast),
+    from its safetensors headers alone."""
+    import math
+
+    from calora_cli.artifacts import read_safetensors_header
+
+    width = {"float32": 4, "bfloat16": 2, "float16": 2}[dtype]
+    stored = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8}
+    total = 0
+    for w in model.weights:
+        for name, info in read_safetensors_header(w).items():
+            if name == "__metadata__":
+                continue
+            n = math.prod(info["shape"])
+            total += n * (width if info["dtype"] in stored else 1 if info["dtype"] in ("I8", "U8") else 4)
+    return total

@@ -96,6 +96,16 @@ class LayerSource:
     def release_embedding(self) -> None:
         self.free(self.model.get_input_embeddings())
 
+    def head(self) -> None:
+        """Materialize what runs after the layers: the final norm and the output projection (read
+        from the input embedding's tensor when the checkpoint ties them)."""
+        self.load(self.model.model.norm, "model.norm.")
+        head = self.model.get_output_embeddings()
+        if "lm_head.weight" in self.where:
+            self.load(head, "lm_head.")
+        else:
+            self.load(head, self._name_of(self.model.get_input_embeddings()))
+
     def _name_of(self, module) -> str:
         for name, m in self.model.named_modules():
             if m is module:

@@ -114,3 +114,52 @@ def test_a_bf16_sharded_checkpoint_stays_bf16_and_reloads(cli, tiny_base, tmp_pa
     assert reloaded.dtype == torch.bfloat16
     with torch.no_grad():
         assert reloaded(torch.arange(5)[None]).logits.isfinite().all()
+
+
+PPL = ["--ppl", TEXT, "--seq-len", "64", "--tasks", SHK.parent / "tasks" / "quartz.jsonl", "--limit", "20", "--json"]
+
+
+def _eval(cli, *args) -> dict:
+    r = cli("eval", *args, *PPL)
+    assert r.exit_code == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def test_streamed_eval_scores_what_the_whole_model_scores(cli, tiny_base, tiny_lora, tmp_path):
+    import tempfile
+    from pathlib import Path
+
+    whole, streamed = _eval(cli, tiny_base, "--no-stream"), _eval(cli, tiny_base, "--stream", "--activation-memory", "1e-9")
+    assert streamed["streamed"] and streamed["perplexity"] == whole["perplexity"]  # same windows, same ops: bitwise
+    assert streamed["tasks"] == whole["tasks"]
+    assert not list(Path(tempfile.gettempdir()).glob("calora-eval-spill-*"))  # spilled, and cleaned up
+    # an adapter is folded into each layer as it is read: equal up to float rounding
+    a, b = _eval(cli, tiny_base, "--adapter", tiny_lora, "--no-stream"), _eval(cli, tiny_base, "--adapter", tiny_lora, "--stream")
+    assert b["perplexity"] == pytest.approx(a["perplexity"], rel=1e-6) and a["perplexity"] != whole["perplexity"]
+    assert b["tasks"] == a["tasks"]
+
+
+def test_streamed_eval_takes_every_adapter_kind(cli, tiny_base, tiny_lora, tmp_path):
+    def ok(*args):
+        r = cli(*args, "--json", "-q")
+        assert r.exit_code == 0, r.stderr
+
+    train = ["--data", TEXT, "--steps", "3", "--seq-len", "32", "--batch-size", "2"]
+    ok("train", tiny_base, "-o", tmp_path / "nola", "--kind", "nola", "--bases", "16", "--lr", "5e-2", *train)
+    ok("compress", tiny_base, "-o", tmp_path / "pruned", "--method", "magnitude", "--sparsity", "0.5")
+    ok("sparsify-adapter", tiny_lora, "--base", tmp_path / "pruned", "-o", tmp_path / "masked", *train, "--lr", "1e-2")
+    ok("recover", tiny_lora, "--base", tmp_path / "pruned", "--teacher", tiny_base, "--teacher-adapter", tiny_lora,
+       "-o", tmp_path / "rec", *train, "--lr", "1e-2")
+    for model, adapter in ((tiny_base, "nola"), (tmp_path / "pruned", "masked"), (tmp_path / "pruned", "rec")):
+        a = _eval(cli, model, "--adapter", tmp_path / adapter, "--no-stream")
+        b = _eval(cli, model, "--adapter", tmp_path / adapter, "--stream")
+        assert b["perplexity"] == pytest.approx(a["perplexity"], rel=1e-5), adapter
+        assert b["tasks"] == a["tasks"], adapter
+
+
+def test_streamed_eval_refuses_a_quantized_base(cli, tiny_base, tmp_path):
+    from helpers import one_line_error
+
+    r = cli("compress", tiny_base, "-o", tmp_path / "nf4", "--method", "nf4", "-q")
+    assert r.exit_code == 0, r.stderr
+    assert "a quantized base loads whole" in one_line_error(cli("eval", tmp_path / "nf4", "--ppl", TEXT, "--stream"))

@@ -7,6 +7,7 @@ A kind is the adapter's trained core, one module each:
   attach(model, artifact, trainable) -> model with the adapter in its forward
 An extra rides on a peft LoRA (LoSA masks, CA-LoRA recovery modules):
   detect(artifact) -> bool;  apply(peft_model, artifact, trainable)
+  and, for evaluation one decoder layer at a time, apply_block(artifact, i, block) -> hook handles
 
 Kinds live with their methods (methods/<method>/format.py); the registry names their modules and
 imports them when asked, so that this package sits below the methods that use it.
@@ -65,3 +66,35 @@ def attach(model, artifact, trainable: bool = False):
     for name in extras_of(artifact):
         importlib.import_module(EXTRAS[name]).apply(model, artifact, trainable)
     return model
+
+
+def block_patcher(artifact):
+    """For streamed evaluation (a model read one decoder layer at a time): a function that puts the
+    adapter into decoder layer i once it is materialized. The LoRA's delta (a NOLA adapter
+    expanded) is folded into the layer's weights in their compute dtype, masked to the weight's
+    non-zeros for a LoSA adapter, and the extras that are not deltas (recovery modules) hook the
+    layer; it returns the hook handles."""
+    deltas = factors(artifact)
+    masked = is_kind(artifact, "masked")
+    extras = [importlib.import_module(EXTRAS[n]) for n in extras_of(artifact)]
+
+    def patch(i: int, block) -> list:
+        import torch
+
+        prefix = f"model.layers.{i}."
+        with torch.no_grad():
+            for name, layer in block.named_modules():
+                f = deltas.get(prefix + name)
+                if f is None:
+                    continue
+                w = layer.weight
+                delta = f.delta().to(w.device)
+                if masked:
+                    delta = delta * (w != 0)
+                w.add_(delta.to(w.dtype))
+        handles = []
+        for extra in extras:
+            handles += extra.apply_block(artifact, i, block)
+        return handles
+
+    return patch

@@ -31,6 +31,13 @@ class _Stop(Exception):
 
 def capture_inputs(model, calib: "torch.Tensor", batch_size: int = 8) -> Captured:
     """Hidden states (and the keyword arguments) entering decoder block 0, one entry per micro-batch."""
+    return capture_batches(model, ({"input_ids": calib[i : i + batch_size]} for i in range(0, calib.shape[0], batch_size)))
+
+
+def capture_batches(model, batches) -> Captured:
+    """What enters decoder block 0 for each batch of model inputs (input_ids, attention_mask):
+    its hidden states and keyword arguments (position embeddings, mask), one entry per batch.
+    Nothing past block 0 runs, so a skeleton with only its embedding materialized will do."""
     import torch
 
     layers = decoder_layers(model)
@@ -46,9 +53,9 @@ def capture_inputs(model, calib: "torch.Tensor", batch_size: int = 8) -> Capture
     device = next(model.parameters()).device
     try:
         with torch.no_grad():
-            for i in range(0, calib.shape[0], batch_size):
+            for batch in batches:
                 try:
-                    model(input_ids=calib[i : i + batch_size].to(device), use_cache=False)
+                    model(**{k: v.to(device) for k, v in batch.items()}, use_cache=False)
                 except _Stop:
                     pass
     finally:

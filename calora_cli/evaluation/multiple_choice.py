@@ -25,11 +25,10 @@ def split_tokens(tokenizer, context: str, choice: str) -> tuple[list[int], list[
     return whole[: len(ctx)], whole[len(ctx) :]
 
 
-def choice_logprobs(model: "torch.nn.Module", tokenizer, item: MCItem, max_len: int) -> list[float]:
-    """Summed log-prob of each choice given the context, one padded batch per item."""
+def choice_batch(tokenizer, item: MCItem, max_len: int) -> tuple["torch.Tensor", "torch.Tensor", list]:
+    """One padded batch per item: (input ids, attention mask, each choice's scored span)."""
     import torch
 
-    device = next(model.parameters()).device
     seqs, spans = [], []
     for c in item.choices:
         ctx, cont = split_tokens(tokenizer, item.context, c)
@@ -44,14 +43,36 @@ def choice_logprobs(model: "torch.nn.Module", tokenizer, item: MCItem, max_len: 
     for i, s in enumerate(seqs):
         x[i, : len(s)] = torch.tensor(s)
         mask[i, : len(s)] = 1
-    with torch.no_grad():
-        logits = model(input_ids=x.to(device), attention_mask=mask.to(device)).logits.float()
-    logp = torch.log_softmax(logits, dim=-1)
+    return x, mask, spans
+
+
+def score_choices(logits: "torch.Tensor", x: "torch.Tensor", spans: list) -> list[float]:
+    """Summed log-prob of each choice's continuation, from the batch's logits."""
+    import torch
+
+    logp = torch.log_softmax(logits.float(), dim=-1)
     scores = []
     for i, (lo, hi) in enumerate(spans):
-        targets = x[i, lo:hi].to(device)
+        targets = x[i, lo:hi].to(logp.device)
         scores.append(logp[i, lo - 1 : hi - 1].gather(-1, targets[:, None]).double().sum().item())
     return scores
+
+
+def choice_logprobs(model: "torch.nn.Module", tokenizer, item: MCItem, max_len: int) -> list[float]:
+    """Summed log-prob of each choice given the context, one padded batch per item."""
+    import torch
+
+    device = next(model.parameters()).device
+    x, mask, spans = choice_batch(tokenizer, item, max_len)
+    with torch.no_grad():
+        logits = model(input_ids=x.to(device), attention_mask=mask.to(device)).logits
+    return score_choices(logits, x, spans)
+
+
+def decide(item: MCItem, lp: list[float]) -> tuple[int, int]:
+    """(hit, hit by acc_norm) of one item from its choices' log-probs."""
+    norm = [s / max(1, len(c)) for s, c in zip(lp, item.choices)]
+    return int(max(range(len(lp)), key=lp.__getitem__) == item.label), int(max(range(len(norm)), key=norm.__getitem__) == item.label)
 
 
 @dataclass
@@ -70,10 +91,9 @@ def accuracy(
 ) -> TaskResult:
     hits = hits_norm = 0
     for item in items:
-        lp = choice_logprobs(model, tokenizer, item, max_len)
-        norm = [s / max(1, len(c)) for s, c in zip(lp, item.choices)]
-        hits += int(max(range(len(lp)), key=lp.__getitem__) == item.label)
-        hits_norm += int(max(range(len(norm)), key=norm.__getitem__) == item.label)
+        hit, hit_norm = decide(item, choice_logprobs(model, tokenizer, item, max_len))
+        hits += hit
+        hits_norm += hit_norm
         if on_item is not None:
             on_item(1)
     n = len(items)

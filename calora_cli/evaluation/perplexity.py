@@ -41,6 +41,33 @@ class PerplexityResult:
     tokens: int
 
 
+def window_batches(ids: "torch.Tensor", seq_len: int, stride: int | None, batch_size: int) -> list[tuple]:
+    """The model inputs perplexity runs: (input ids, the windows they hold), windows of equal
+    length batched together (only the last one can be shorter), in order."""
+    import torch
+
+    wins = windows(ids.numel(), seq_len, stride)
+    out = []
+    for i in range(0, len(wins), batch_size):
+        for same in _by_length(wins[i : i + batch_size]):
+            out.append((torch.stack([ids[w.start : w.end] for w in same]), same))
+    return out
+
+
+def score_windows(logits: "torch.Tensor", x: "torch.Tensor", same: list[Window]) -> tuple[float, int]:
+    """(NLL, predicted tokens) of one batch of windows from its logits."""
+    import torch
+
+    logp = torch.log_softmax(logits.float()[:, :-1], dim=-1)
+    tok_lp = logp.gather(-1, x[:, 1:, None].to(logp.device)).squeeze(-1)
+    total, count = 0.0, 0
+    for row, w in zip(tok_lp, same):
+        part = row[w.score_from - w.start - 1 :]
+        total -= part.double().sum().item()
+        count += part.numel()
+    return total, count
+
+
 def perplexity(
     model: "torch.nn.Module",
     ids: "torch.Tensor",
@@ -53,23 +80,18 @@ def perplexity(
     import torch
 
     device = next(model.parameters()).device
-    wins = windows(ids.numel(), seq_len, stride)
     total, count = 0.0, 0
-    # windows of equal length batch together; only the last one can be shorter
     with torch.no_grad():
-        for i in range(0, len(wins), batch_size):
-            group = wins[i : i + batch_size]
-            for same in _by_length(group):
-                x = torch.stack([ids[w.start : w.end] for w in same]).to(device)
-                logits = model(input_ids=x).logits.float()
-                logp = torch.log_softmax(logits[:, :-1], dim=-1)
-                tok_lp = logp.gather(-1, x[:, 1:, None]).squeeze(-1)
-                for row, w in zip(tok_lp, same):
-                    part = row[w.score_from - w.start - 1 :]
-                    total -= part.double().sum().item()
-                    count += part.numel()
+        for x, same in window_batches(ids, seq_len, stride, batch_size):
+            nll, n = score_windows(model(input_ids=x.to(device)).logits, x, same)
+            total += nll
+            count += n
             if on_batch is not None:
-                on_batch(len(group))
+                on_batch(len(same))
+    return result(total, count)
+
+
+def result(total: float, count: int) -> PerplexityResult:
     return PerplexityResult(math.exp(total / count) if count else float("nan"), total, count)
 
 

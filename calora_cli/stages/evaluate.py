@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -10,7 +11,7 @@ from calora_cli.data import read_multiple_choice, read_text, tokenize_text
 from calora_cli.errors import CaloraError
 from calora_cli.models import load_model, load_tokenizer
 from calora_cli.progress import progress
-from calora_cli.run import RunOptions, open_model_and_adapter
+from calora_cli.run import RunOptions, available_memory, open_model_and_adapter, resident_bytes
 
 
 def evaluate(
@@ -26,7 +27,12 @@ def evaluate(
     harness: list[str] | None = None,
     harness_include: Path | None = None,
     num_fewshot: int | None = None,
+    stream: bool | None = None,
+    activation_gb: float = 2.0,
 ) -> dict:
+    """Evaluate a model (with an adapter). `stream`: read the model one decoder layer at a time
+    (evaluation/streamed.py) instead of loading it whole; None: stream when the whole model would
+    take more than half the memory available."""
     from calora_cli.evaluation.multiple_choice import accuracy
     from calora_cli.evaluation.perplexity import perplexity
 
@@ -49,6 +55,15 @@ def evaluate(
         manager = bridge.check_tasks(harness, harness_include)  # before the model loads: bad names fail fast
 
     tokenizer = load_tokenizer(model_dir)
+    quantized = bool(json.loads((model_art.path / "config.json").read_text()).get("quantization_config"))
+    if stream is None:
+        stream = not quantized and not harness and resident_bytes(model_art, opts.dtype) > available_memory() // 2
+    if stream:
+        if quantized:
+            raise CaloraError("--stream reads dense or pruned checkpoints layer by layer; a quantized base loads whole")
+        if harness:
+            raise CaloraError("--harness hands lm-eval a whole model: it cannot run with --stream")
+        return _streamed(model_art, adapter_art, tokenizer, text, tasks, seq_len, stride, batch_size, activation_gb, opts)
     model = load_model(model_dir, opts.device, opts.dtype)
     if adapter_art is not None:
         model = adapters.attach(model, adapter_art)
@@ -74,6 +89,36 @@ def evaluate(
         with progress("lm-eval", None, opts.show_progress):
             result["harness"] = bridge.run(model, tokenizer, harness, manager, num_fewshot, limit, batch_size, seq_len,
                                            opts.seed)
+    return result
+
+
+def _streamed(model_art, adapter_art, tokenizer, text, tasks, seq_len, stride, batch_size, activation_gb, opts) -> dict:
+    """The same scores, each decoder layer read once per pass (a pass per text and per task)."""
+    from calora_cli.evaluation import streamed
+    from calora_cli.runtime import resolve_device, torch_dtype
+    from calora_cli.streaming import LayerSource
+
+    patch = adapters.block_patcher(adapter_art) if adapter_art is not None else None
+    bound = int(activation_gb * 1e9)
+    result: dict = {"model": str(model_art.path), "adapter": str(adapter_art.path) if adapter_art else None, "streamed": True}
+    source = LayerSource(model_art.path, model_art.weights, torch_dtype(opts.dtype), resolve_device(opts.device))
+    try:
+        n_layers = len(source.layers)
+        if text is not None:
+            ids = tokenize_text(tokenizer, text)
+            with progress("perplexity (streamed)", n_layers, opts.show_progress) as advance:
+                ppl = streamed.perplexity(source, ids, seq_len, stride, batch_size, patch, bound, on_layer=advance)
+            scored_bytes = predicted_bytes(tokenizer, text, ids, seq_len, stride)
+            result.update(perplexity=ppl.perplexity, tokens=ppl.tokens, bytes=scored_bytes,
+                          bits_per_byte=ppl.nll / (scored_bytes * math.log(2)),
+                          byte_perplexity=math.exp(ppl.nll / scored_bytes))
+        result["tasks"] = {}
+        for name, items in tasks.items():
+            with progress(f"{name} (streamed)", n_layers, opts.show_progress) as advance:
+                r = streamed.accuracy(source, tokenizer, items, seq_len, patch, bound, on_layer=advance)
+            result["tasks"][name] = {"acc": r.acc, "acc_norm": r.acc_norm, "n": r.n}
+    finally:
+        source.close()
     return result
 
 

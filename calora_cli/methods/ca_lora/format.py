@@ -30,3 +30,25 @@ def save(directory: Path, modules) -> None:
     from calora_cli.methods.ca_lora import recovery
 
     save_file(recovery.state(modules), directory / RECOVERY_FILE, metadata={"format": "calora-recovery-v1"})
+
+
+def apply_block(artifact, i: int, block) -> list:
+    """Streamed evaluation: layer i's recovery modules, hooked beside its linears."""
+    from safetensors import safe_open
+
+    from calora_cli.methods.ca_lora.recovery import Recovery
+
+    params = artifact.manifest["params"]
+    prefix = f"model.layers.{i}."
+    handles = []
+    with safe_open(artifact.path / RECOVERY_FILE, framework="pt") as f:
+        names = set(f.keys())
+        for name, layer in block.named_modules():
+            if f"{prefix}{name}.D" not in names:
+                continue
+            rec = Recovery(layer.in_features, layer.out_features, params["recovery_dim"], params["recovery_alpha"])
+            rec.D.weight.data.copy_(f.get_tensor(f"{prefix}{name}.D"))
+            rec.U.weight.data.copy_(f.get_tensor(f"{prefix}{name}.U"))
+            rec.to(layer.weight.device)
+            handles.append(layer.register_forward_hook(lambda mod, args, out, r=rec: out + r(args[0]).to(out.dtype)))
+    return handles

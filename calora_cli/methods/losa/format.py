@@ -46,3 +46,16 @@ def save(directory: Path, masks: dict) -> None:
     # one metadata key only: safetensors writes metadata in hash-map order, so two keys would
     # make the file's bytes differ from run to run
     save_file(packed, directory / MASKS_FILE, metadata={"shapes": shapes})
+
+
+def apply_block(artifact, i: int, block) -> list:
+    """Streamed evaluation: the delta was masked as it was folded in; check the stored masks still
+    match this layer's zeros (as apply does for a whole model)."""
+    prefix = f"model.layers.{i}."
+    stored = stored_masks(artifact)
+    for name, layer in block.named_modules():
+        mask = stored.get(prefix + name)
+        if mask is not None and not bool((mask.to(layer.weight.device) == (layer.weight != 0)).all()):
+            raise CaloraError(f"{prefix + name}: the adapter's stored mask does not match the base's zeros "
+                              "(was the base pruned again?)")
+    return []
