@@ -24,7 +24,7 @@ from measure import rss, run_child
 
 REPO = Path(__file__).resolve().parents[1]
 TEXT = REPO.parent / "shared" / "data" / "shakespeare" / "plays" / "histories--richard-ii.txt"
-STAGES = ("magnitude", "wanda", "sparsegpt", "eval", "merge", "verify")
+STAGES = ("magnitude", "wanda", "sparsegpt", "eval", "eval-stream", "merge", "verify")
 
 
 def build(root: Path, size_gb: float, dtype: str = "float32") -> tuple[Path, Path]:
@@ -58,10 +58,10 @@ def child(stage: str, base: Path, lora: Path, out: Path) -> None:
     if stage in ("magnitude", "wanda", "sparsegpt"):
         calib = {} if stage == "magnitude" else {"calib": TEXT, "calib_samples": 8, "seq_len": 128}
         compress_model(base, out, CompressSpec(stage, 0.5, **calib), opts)
-    elif stage == "eval":
+    elif stage in ("eval", "eval-stream"):
         short = out.with_suffix(".txt")
         short.write_text(TEXT.read_text()[:20000])  # a few thousand tokens: memory, not throughput, is measured
-        evaluate(base, opts, ppl_file=short, seq_len=256)
+        evaluate(base, opts, ppl_file=short, seq_len=256, stream=stage == "eval-stream")
     elif stage == "merge":
         merge(base, [lora], out, opts)
     else:

@@ -86,3 +86,27 @@ def resident_bytes(model: Artifact, dtype: str) -> int:
             n = math.prod(info["shape"])
             total += n * (width if info["dtype"] in stored else 1 if info["dtype"] in ("I8", "U8") else 4)
     return total
+
+
+def check_training_memory(what: str, models: list[Artifact], dtype: str, batch_size: int, seq_len: int) -> None:
+    """Refuse, in one line and before anything is loaded, a training run whose whole models
+    (student and teacher are resident while training) will not fit the memory available.
+
+    The estimate: each model's weights in the compute dtype (its share under FSDP), plus the
+    activations kept for the backward pass (about 34 x batch x seq x hidden bytes per layer at 16
+    bits, twice that at 32, as for transformer training in general) and the logits, log-softmax and
+    their gradient (3 x batch x seq x vocab in float32). Optimizer state is the adapter's: small."""
+    import json
+
+    from calora_cli.ranks import sharded, world_size
+
+    weights = sum(resident_bytes(m, dtype) for m in models) // (world_size() if sharded() else 1)
+    config = json.loads((models[0].path / "config.json").read_text())
+    hidden, layers = config.get("hidden_size", 0), config.get("num_hidden_layers", 0)
+    per_token = 34 * hidden * layers * (2 if dtype == "float32" else 1) + 12 * config.get("vocab_size", 0)
+    acts = batch_size * seq_len * per_token // max(1, world_size())
+    need, free = int(1.1 * (weights + acts)), available_memory()
+    if need > free:
+        raise CaloraError(f"{what} needs about {need / 1e9:.1f} GB (models {weights / 1e9:.1f} GB, activations "
+                          f"{acts / 1e9:.1f} GB), {free / 1e9:.1f} GB are free: lower --batch-size or --seq-len, use "
+                          "--dtype bfloat16, or shard it over processes (CALORA_DISTRIBUTED=fsdp)")

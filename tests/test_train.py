@@ -87,3 +87,12 @@ def test_too_little_text_for_one_block(cli, tiny_base, tmp_path):
     p.write_text("To be.")
     line = one_line_error(cli("train", tiny_base, "-o", tmp_path / "out", "--data", p, "--seq-len", "64"))
     assert "fewer than one --seq-len block" in line
+
+
+def test_a_run_that_will_not_fit_is_refused_up_front(cli, tiny_base, small_text, tmp_path, monkeypatch):
+    from calora_cli import run
+
+    monkeypatch.setattr(run, "available_memory", lambda: 10**6)  # 1 MB free
+    line = one_line_error(cli("train", tiny_base, "--data", small_text, "-o", tmp_path / "out", "--steps", "1"))
+    assert "train needs about" in line and "GB are free" in line and "--batch-size" in line
+    assert not (tmp_path / "out").exists()

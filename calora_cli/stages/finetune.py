@@ -19,7 +19,7 @@ from calora_cli.data import batches, load_examples
 from calora_cli.errors import CaloraError
 from calora_cli.models import load_model, load_tokenizer
 from calora_cli.progress import progress
-from calora_cli.run import RunOptions, seed_everything
+from calora_cli.run import RunOptions, check_training_memory, seed_everything
 from calora_cli.train import TrainConfig, train_loop
 
 
@@ -50,6 +50,7 @@ def train_lora(
     base_art = open_artifact(base, expect="model", role="base")
     tokenizer = load_tokenizer(base)
     examples = load_examples(data, tokenizer, cfg.seq_len)
+    check_training_memory("train", [base_art], opts.dtype, cfg.batch_size, cfg.seq_len)
 
     from peft import LoraConfig, get_peft_model
 

@@ -26,7 +26,7 @@ from calora_cli.distill import DistillSpec, cache_teacher, load_teacher, make_lo
 from calora_cli.errors import CaloraError
 from calora_cli.methods.ca_lora import format as ca_format
 from calora_cli.progress import progress
-from calora_cli.run import RunOptions, check_descends, check_fits, seed_everything
+from calora_cli.run import RunOptions, check_descends, check_fits, check_training_memory, seed_everything
 from calora_cli.train import Checkpoints, TrainConfig, train_loop
 
 
@@ -65,6 +65,7 @@ def recover(adapter: Path, base: Path, teacher: Path, teacher_adapter: Path, dat
         check_fits(a, m, opts)
     check_descends(base_art, t_art, "compressed from the teacher", opts)
     examples = load_examples(data, load_tokenizer(base_art.path), cfg.seq_len)
+    check_training_memory("recover (student and teacher)", [base_art, t_art], opts.dtype, cfg.batch_size, cfg.seq_len)
 
     seed_everything(cfg.seed)
     teacher_model = load_teacher(t_art, ta, opts)

@@ -20,7 +20,7 @@ from calora_cli.distill import DistillSpec
 from calora_cli.errors import CaloraError
 from calora_cli.methods.losa import format as losa_format
 from calora_cli.progress import progress
-from calora_cli.run import RunOptions, check_descends, check_fits, seed_everything
+from calora_cli.run import RunOptions, check_descends, check_fits, check_training_memory, seed_everything
 from calora_cli.train import TrainConfig
 
 
@@ -171,6 +171,8 @@ def _train_masked(base_art, ad_art, data: Path, cfg: TrainConfig, losa: LosaSpec
     from calora_cli.train import causal_lm_loss, train_loop
 
     examples = load_examples(data, load_tokenizer(base_art.path), cfg.seq_len)
+    check_training_memory("sparsify-adapter", [base_art] + ([teacher] if teacher is not None else []), opts.dtype,
+                          cfg.batch_size, cfg.seq_len)
     seed_everything(cfg.seed)
     model = load_model(base_art.path, opts.device, opts.dtype, shardable=True)
     metrics: dict = {}

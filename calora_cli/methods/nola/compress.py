@@ -30,7 +30,7 @@ from calora_cli.distill import DistillSpec, distill_terms, load_teacher
 from calora_cli.errors import CaloraError
 from calora_cli.methods.nola import format as nola_format
 from calora_cli.progress import progress
-from calora_cli.run import RunOptions, check_fits, seed_everything
+from calora_cli.run import RunOptions, check_fits, check_training_memory, seed_everything
 from calora_cli.train import TrainConfig, train_loop
 
 log = logging.getLogger(__name__)
@@ -169,6 +169,8 @@ def compress_lora(adapter: Path, out: Path, data: Path, cfg: TrainConfig, spec: 
     targets = sorted({nola.module_type(m) for m in factors})
     k, l = spec.bases
     examples = load_examples(data, load_tokenizer(base_art.path), cfg.seq_len)
+    check_training_memory("compress --method nola (student and teacher)", [base_art, base_art], opts.dtype,
+                          cfg.batch_size, cfg.seq_len)
     n_held = max(1, round(len(examples) * HELD_OUT)) if len(examples) > 1 else 0
     train_idx = torch.arange(len(examples) - n_held)
     held_idx = torch.arange(len(examples) - n_held, len(examples)) if n_held else torch.arange(len(examples))
