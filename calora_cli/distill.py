@@ -75,6 +75,38 @@ class TeacherCache:
         self.hidden_states = torch.cat(hs) if hs else None
         self.all_logits = torch.cat(lg) if lg else None
 
+    @classmethod
+    def streamed(cls, teacher_art, adapter_art, examples, spec: DistillSpec, batch_size: int, opts) -> "TeacherCache":
+        """The same cache from one pass that reads the teacher one decoder layer at a time (its
+        adapter folded into each layer as it is read): the teacher is never resident."""
+        import torch
+
+        from calora_cli.adapters import block_patcher
+        from calora_cli.evaluation.streamed import outputs_per_batch
+        from calora_cli.runtime import resolve_device, torch_dtype
+        from calora_cli.streaming import LayerSource
+
+        self = cls.__new__(cls)
+        self.hidden = spec.distill in ("hidden", "both")
+        self.logits = spec.distill in ("logits", "both")
+        batches = []
+        for lo in range(0, len(examples), batch_size):
+            b = examples.batch(torch.arange(lo, min(lo + batch_size, len(examples))))
+            batches.append({"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]})
+        source = LayerSource(teacher_art.path, teacher_art.weights, torch_dtype(opts.dtype), resolve_device(opts.device))
+        hs, lg = [], []
+        try:
+            for _, hidden, logits in outputs_per_batch(source, batches, block_patcher(adapter_art)):
+                if self.hidden:
+                    hs.append(hidden)
+                if self.logits:
+                    lg.append(logits)
+        finally:
+            source.close()
+        self.hidden_states = torch.cat(hs) if hs else None
+        self.all_logits = torch.cat(lg) if lg else None
+        return self
+
     @staticmethod
     def bytes_needed(examples, config, spec: DistillSpec) -> int:
         n, seq = examples.input_ids.shape
@@ -123,14 +155,18 @@ def load_teacher(model_art, adapter_art, opts):
     return teacher
 
 
-def cache_teacher(teacher, examples, spec: DistillSpec, batch_size: int, show_progress: bool) -> TeacherCache:
-    """The teacher's outputs on every example, refused when they would not fit in half the free memory."""
+def cache_teacher(teacher_art, adapter_art, examples, spec: DistillSpec, batch_size: int, opts) -> TeacherCache:
+    """The teacher's outputs on every example from one streamed pass, refused when they would not
+    fit in half the free memory."""
+    from transformers import AutoConfig
+
     from calora_cli.progress import progress
 
-    need = TeacherCache.bytes_needed(examples, teacher.config, spec)
+    config = AutoConfig.from_pretrained(teacher_art.path, trust_remote_code=False, local_files_only=True)
+    need = TeacherCache.bytes_needed(examples, config, spec)
     free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     if need > free // 2:
         raise CaloraError(f"--cache-teacher would hold {need / 1e9:.1f} GB of teacher outputs, more than half the "
                           f"{free / 1e9:.1f} GB free: drop --cache-teacher (outputs are then computed each step)")
-    with progress("teacher cache", None, show_progress):
-        return TeacherCache(teacher, examples, spec, batch_size)
+    with progress("teacher cache (streamed)", None, opts.show_progress):
+        return TeacherCache.streamed(teacher_art, adapter_art, examples, spec, batch_size, opts)

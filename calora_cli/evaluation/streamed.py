@@ -35,6 +35,14 @@ def _spill_folder() -> Path:
 def logits_per_batch(source, batches: list[dict], patch=None, activation_bytes: int = 2 * 10**9,
                      on_layer: Callable | None = None):
     """Yield (batch index, logits) for every batch, after one streamed pass over the layers."""
+    for k, _, logits in outputs_per_batch(source, batches, patch, activation_bytes, on_layer):
+        yield k, logits
+
+
+def outputs_per_batch(source, batches: list[dict], patch=None, activation_bytes: int = 2 * 10**9,
+                      on_layer: Callable | None = None):
+    """Yield (batch index, final hidden state after the final norm, logits) for every batch, after
+    one streamed pass over the layers: what a model's output_hidden_states[-1] and logits are."""
     from calora_cli.arch import final_logits
     from calora_cli.compress.sequential import _release, block_outputs, capture_batches
     from calora_cli.streaming import Spill
@@ -58,7 +66,7 @@ def logits_per_batch(source, batches: list[dict], patch=None, activation_bytes: 
 
         with torch.no_grad():
             for k, (hs, _) in enumerate(inputs):
-                yield k, final_logits(source.model, hs)
+                yield k, source.model.model.norm(hs), final_logits(source.model, hs)
         _release(inputs)
     finally:
         shutil.rmtree(folder, ignore_errors=True)

@@ -65,10 +65,12 @@ def recover(adapter: Path, base: Path, teacher: Path, teacher_adapter: Path, dat
         check_fits(a, m, opts)
     check_descends(base_art, t_art, "compressed from the teacher", opts)
     examples = load_examples(data, load_tokenizer(base_art.path), cfg.seq_len)
-    check_training_memory("recover (student and teacher)", [base_art, t_art], opts.dtype, cfg.batch_size, cfg.seq_len)
+    cached = spec.cache_teacher and spec.distill_weight > 0  # then the teacher is read layer by layer, never resident
+    check_training_memory("recover" if cached else "recover (student and teacher)", [base_art] if cached else [base_art, t_art],
+                          opts.dtype, cfg.batch_size, cfg.seq_len)
 
     seed_everything(cfg.seed)
-    teacher_model = load_teacher(t_art, ta, opts)
+    teacher_model = None if cached else load_teacher(t_art, ta, opts)
     student = adapters.attach(load_model(base_art.path, opts.device, opts.dtype, shardable=True), ad, trainable=True)
     lora_cfg = student.peft_config["default"]
     rank = spec.recovery_dim if spec.recovery_dim is not None else lora_cfg.r
@@ -85,9 +87,7 @@ def recover(adapter: Path, base: Path, teacher: Path, teacher_adapter: Path, dat
         if _stop_after is not None and step + 1 == _stop_after:
             raise KeyboardInterrupt  # tests: an interrupted run, to resume
 
-    cache = None
-    if spec.cache_teacher and spec.distill_weight > 0:
-        cache = cache_teacher(teacher_model, examples, spec, cfg.batch_size, opts.show_progress)
+    cache = cache_teacher(t_art, ta, examples, spec, cfg.batch_size, opts) if cached else None
     with progress("recover", cfg.steps, opts.show_progress) as advance:
         metrics = train_loop(student, student.parameters(),
                              batches(examples, cfg.batch_size, cfg.seed, with_index=cache is not None), cfg,
