@@ -70,19 +70,24 @@ def trained_base(request, data_dir) -> Path:
     return _cached(request, "trained-base", build)
 
 
-@pytest.fixture(scope="session")
-def trained_lora(request, trained_base, data_dir) -> Path:
-    """A LoRA trained on trained_base (as tiny_lora is on tiny_base)."""
+def _lora(request, name: str, base: Path, data_dir: Path, steps: int, lr: float) -> Path:
+    """A rank-4 LoRA trained on `base` on the tragedies, cached as `name`."""
     from calora_cli.run import RunOptions
     from calora_cli.stages.finetune import train_lora
     from calora_cli.train import TrainConfig
 
     def build(out: Path) -> None:
+        cfg = TrainConfig(steps=steps, lr=lr, batch_size=4, seq_len=64, seed=0)
         text = data_dir / "shakespeare" / "train-tragedies.txt"
-        cfg = TrainConfig(steps=20, lr=1e-2, batch_size=4, seq_len=64, seed=0)
-        train_lora(trained_base, text, out, cfg, RunOptions(show_progress=False, force=True), rank=4)
+        train_lora(base, text, out, cfg, RunOptions(show_progress=False, force=True), rank=4)
 
-    return _cached(request, "trained-lora", build)
+    return _cached(request, name, build)
+
+
+@pytest.fixture(scope="session")
+def trained_lora(request, trained_base, data_dir) -> Path:
+    """A LoRA trained on trained_base (as tiny_lora is on tiny_base)."""
+    return _lora(request, "trained-lora", trained_base, data_dir, steps=20, lr=1e-2)
 
 
 @pytest.fixture(scope="session")
@@ -93,16 +98,7 @@ def other_base(request) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_lora(request, tiny_base, data_dir) -> Path:
-    from calora_cli.run import RunOptions
-    from calora_cli.stages.finetune import train_lora
-    from calora_cli.train import TrainConfig
-
-    def build(out: Path) -> None:
-        text = data_dir / "shakespeare" / "train-tragedies.txt"
-        cfg = TrainConfig(steps=12, lr=5e-3, batch_size=4, seq_len=64, seed=0)
-        train_lora(tiny_base, text, out, cfg, RunOptions(show_progress=False, force=True), rank=4)
-
-    return _cached(request, "tiny-lora", build)
+    return _lora(request, "tiny-lora", tiny_base, data_dir, steps=12, lr=5e-3)
 
 
 @pytest.fixture
