@@ -39,8 +39,13 @@ def check_tasks(tasks: list[str], include: Path | None):
         raise CaloraError(f"--harness-include {include} is not a directory")
     from calora_cli.runtime import library_chatter_hidden
 
-    with library_chatter_hidden():
-        manager = TaskManager(include_path=str(include) if include else None)
+    manager = None
+    if include is not None:  # the local folder alone first: indexing lm-eval's own thousands of tasks takes seconds
+        with library_chatter_hidden():
+            manager = TaskManager(include_path=str(include), include_defaults=False)
+    if manager is None or any(t not in manager.all_tasks for t in tasks):
+        with library_chatter_hidden():
+            manager = TaskManager(include_path=str(include) if include else None)
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
         raise CaloraError(f"unknown --harness task {unknown[0]!r}"
