@@ -1,5 +1,6 @@
 """The command-line shell: help, speed of import, unfinished commands, errors on bad input."""
 
+import json
 import subprocess
 import sys
 
@@ -107,3 +108,26 @@ def test_nan_weights_are_refused(cli, tiny_base, tmp_path, small_text):
     save_file(sd, bad / "model.safetensors", metadata={"format": "pt"})
     line = one_line_error(cli("eval", bad, "--ppl", small_text, "--seq-len", "64"))
     assert "has NaN or Inf values in model.layers.1.mlp.down_proj.weight" in line
+
+
+def test_library_warnings_go_to_stderr_once_and_quiet_hides_them(cli, tiny_base, monkeypatch):
+    import warnings
+
+    from calora_cli.stages import info
+
+    original = info.describe
+
+    def noisy(*args, **kwargs):
+        for _ in range(3):  # the same warning from the same place: shown once
+            warnings.warn("a library has something to say", UserWarning, stacklevel=1)
+        warnings.warn("a deprecation meant for maintainers", DeprecationWarning, stacklevel=1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(info, "describe", noisy)
+    r = cli("info", tiny_base, "--json")
+    assert r.exit_code == 0, r.stderr
+    json.loads(r.stdout)  # stdout is the summary alone
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert lines == [lines[0]] and lines[0].startswith("calora: warning: a library has something to say (UserWarning")
+    quiet = cli("info", tiny_base, "--json", "--quiet")
+    assert quiet.exit_code == 0 and quiet.stderr.strip() == ""
