@@ -173,3 +173,14 @@ def test_bad_compensation_inputs(cli, tiny_base, other_base, tiny_lora, bases, t
     line = one_line_error(cli("inherit", adapter, "--base", bases / "wanda", "-o", tmp_path / "out", *args))
     assert want in line, line
     assert not (tmp_path / "out").exists()
+
+
+def test_a_compensated_adapter_trains_masked_and_merges_keeping_the_zeros(cli, tiny_base, tiny_lora, bases, tmp_path):
+    wanda = bases / "wanda"
+    _ok(cli("inherit", tiny_lora, "--base", wanda, "-o", tmp_path / "c", "--compensate", "4", "--teacher", tiny_base,
+            *CAL, "--json"))
+    s = _ok(cli("sparsify-adapter", tmp_path / "c", "--base", wanda, "-o", tmp_path / "m", "--data", TEXT, "--steps", "2",
+                "--seq-len", "32", "--batch-size", "2", "--json"))
+    assert s["mean_removed_energy"] > 0.5  # on a Wanda base the compensation sits on the pruned weights
+    merged = _ok(cli("merge", wanda, "--adapter", tmp_path / "m", "-o", tmp_path / "merged", "--json"))
+    assert merged["sparsity_after"] == merged["sparsity_before"] and merged["zeros_filled"] == 0
