@@ -38,8 +38,8 @@ def ppl(run, model, text, adapter=None, device="cpu"):
     return run("eval", model, *extra, "--ppl", text, "--seq-len", "64", "--device", device)["perplexity"]
 
 
-def test_training_on_cuda_matches_cpu(run, tiny_base, small_text, tmp_path):
-    args = ["train", tiny_base, *TRAIN, "--steps", "20", "--rank", "4"]
+def test_training_on_cuda_matches_cpu(run, trained_base, small_text, tmp_path):
+    args = ["train", trained_base, *TRAIN, "--steps", "20", "--rank", "4"]
     cpu = run(*args, "-o", tmp_path / "cpu")
     gpu = run(*args, "-o", tmp_path / "gpu", "--device", "cuda")
     print("train cpu", cpu, "cuda", gpu)
@@ -48,22 +48,22 @@ def test_training_on_cuda_matches_cpu(run, tiny_base, small_text, tmp_path):
     assert gpu["final_loss"] == pytest.approx(cpu["final_loss"], rel=1e-2)
     assert_same_safetensors(tmp_path / "cpu", tmp_path / "gpu", atol=1e-3)
     # the CUDA-trained adapter evaluates the same on both devices
-    assert ppl(run, tiny_base, small_text, tmp_path / "gpu", "cuda") == pytest.approx(
-        ppl(run, tiny_base, small_text, tmp_path / "gpu"), rel=1e-4)
+    assert ppl(run, trained_base, small_text, tmp_path / "gpu", "cuda") == pytest.approx(
+        ppl(run, trained_base, small_text, tmp_path / "gpu"), rel=1e-4)
 
 
-def test_bf16_training_on_cuda_learns_and_reloads_on_cpu(run, tiny_base, small_text, tmp_path):
-    out = run("train", tiny_base, *TRAIN, "--steps", "30", "--rank", "4", "-o", tmp_path / "a", "--device", "cuda",
+def test_bf16_training_on_cuda_learns_and_reloads_on_cpu(run, trained_base, small_text, tmp_path):
+    out = run("train", trained_base, *TRAIN, "--steps", "30", "--rank", "4", "-o", tmp_path / "a", "--device", "cuda",
               "--dtype", "bfloat16")
     print("bf16", out)
     assert out["final_loss"] < out["first_loss"]
     weights = load_file(tmp_path / "a" / "adapter_model.safetensors")
     assert all(bool(t.isfinite().all()) for t in weights.values())
-    assert ppl(run, tiny_base, small_text, tmp_path / "a") < ppl(run, tiny_base, small_text)
+    assert ppl(run, trained_base, small_text, tmp_path / "a") < ppl(run, trained_base, small_text)
 
 
 @pytest.fixture(scope="module")
-def gptq_pair(tiny_base, calib_text, tmp_path_factory):
+def gptq_pair(trained_base, calib_text, tmp_path_factory):
     """The tiny base GPTQ-quantized on the CPU and on CUDA (same calibration, same seed)."""
     from calora_cli.run import RunOptions
     from calora_cli.stages.compress import CompressSpec, compress_model
@@ -72,7 +72,7 @@ def gptq_pair(tiny_base, calib_text, tmp_path_factory):
     summaries = {}
     for device in ("cpu", "cuda"):
         spec = CompressSpec("gptq", bits=4, group_size=32, calib=calib_text, calib_samples=8, seq_len=64)
-        summaries[device] = compress_model(tiny_base, root / device, spec, RunOptions(show_progress=False, device=device))
+        summaries[device] = compress_model(trained_base, root / device, spec, RunOptions(show_progress=False, device=device))
     print("gptq", summaries)
     return root / "cpu", root / "cuda", summaries
 
@@ -92,11 +92,11 @@ def test_gptq_on_cuda_writes_the_same_format_and_quality(run, gptq_pair, small_t
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_recovery_on_a_gptq_base_on_cuda(run, gptq_pair, tiny_base, tiny_lora, small_text, tmp_path, dtype):
+def test_recovery_on_a_gptq_base_on_cuda(run, gptq_pair, trained_base, trained_lora, small_text, tmp_path, dtype):
     """Backward through the CUDA quantized kernel, with the teacher on the GPU too."""
     _, gpu, _ = gptq_pair
-    run("inherit", tiny_lora, "--base", gpu, "-o", tmp_path / "inh")
-    out = run("recover", tmp_path / "inh", "--base", gpu, "--teacher", tiny_base, "--teacher-adapter", tiny_lora,
+    run("inherit", trained_lora, "--base", gpu, "-o", tmp_path / "inh")
+    out = run("recover", tmp_path / "inh", "--base", gpu, "--teacher", trained_base, "--teacher-adapter", trained_lora,
               *TRAIN, "--steps", "6", "--distill-weight", "2", "-o", tmp_path / "rec", "--device", "cuda",
               "--dtype", dtype)
     print("recover", dtype, out)
@@ -105,9 +105,9 @@ def test_recovery_on_a_gptq_base_on_cuda(run, gptq_pair, tiny_base, tiny_lora, s
     assert on_gpu == pytest.approx(ppl(run, gpu, small_text, tmp_path / "rec"), rel=1e-3)
 
 
-def test_nf4_on_cuda_matches_cpu_and_trains(run, tiny_base, small_text, tmp_path):
+def test_nf4_on_cuda_matches_cpu_and_trains(run, trained_base, small_text, tmp_path):
     for device in ("cpu", "cuda"):
-        run("compress", tiny_base, "--method", "nf4", "-o", tmp_path / device, "--device", device)
+        run("compress", trained_base, "--method", "nf4", "-o", tmp_path / device, "--device", device)
     # bitsandbytes quantizes the same way on both devices (blockwise absmax)
     assert_same_safetensors(tmp_path / "cpu", tmp_path / "cuda", atol=1e-6)
     p_cpu = ppl(run, tmp_path / "cpu", small_text)
@@ -117,9 +117,9 @@ def test_nf4_on_cuda_matches_cpu_and_trains(run, tiny_base, small_text, tmp_path
     assert out["final_loss"] < out["first_loss"]
 
 
-def test_losa_on_cuda_merges_exactly_sparse(run, tiny_base, tiny_lora, tmp_path):
-    run("compress", tiny_base, "--method", "magnitude", "--sparsity", "0.5", "-o", tmp_path / "pruned")
-    run("sparsify-adapter", tiny_lora, "--base", tmp_path / "pruned", *TRAIN, "--steps", "6", "-o", tmp_path / "a",
+def test_losa_on_cuda_merges_exactly_sparse(run, trained_base, trained_lora, tmp_path):
+    run("compress", trained_base, "--method", "magnitude", "--sparsity", "0.5", "-o", tmp_path / "pruned")
+    run("sparsify-adapter", trained_lora, "--base", tmp_path / "pruned", *TRAIN, "--steps", "6", "-o", tmp_path / "a",
         "--device", "cuda")
     merged = run("merge", tmp_path / "pruned", "--adapter", tmp_path / "a", "-o", tmp_path / "m")
     assert merged["zeros_filled"] == 0 and merged["sparsity_after"] >= merged["sparsity_before"] >= 0.5
@@ -127,8 +127,8 @@ def test_losa_on_cuda_merges_exactly_sparse(run, tiny_base, tiny_lora, tmp_path)
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="nccl needs a GPU per process: 2 GPUs")
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_two_gpus_under_nccl_train_what_one_does(tiny_base, tiny_lora, tmp_path, strategy):
-    args = ["recover", tiny_lora, "--base", tiny_base, "--teacher", tiny_base, "--teacher-adapter", tiny_lora,
+def test_two_gpus_under_nccl_train_what_one_does(trained_base, trained_lora, tmp_path, strategy):
+    args = ["recover", trained_lora, "--base", trained_base, "--teacher", trained_base, "--teacher-adapter", trained_lora,
             *TRAIN, "--steps", "4", "--distill-weight", "2", "--device", "cuda", "--json"]
     one = launch([*args, "-o", tmp_path / "one"], 1)
     two = launch([*args, "-o", tmp_path / "two"], 2, strategy)
@@ -137,12 +137,12 @@ def test_two_gpus_under_nccl_train_what_one_does(tiny_base, tiny_lora, tmp_path,
     assert_same_safetensors(tmp_path / "one", tmp_path / "two", atol=1e-4)  # cuBLAS sums half batches
 
 
-def test_a_process_without_its_own_gpu_stops_with_one_line(tiny_base, tmp_path):
+def test_a_process_without_its_own_gpu_stops_with_one_line(trained_base, tmp_path):
     """More processes than GPUs: `--device cuda` maps LOCAL_RANK to a GPU, and the one left without says so."""
     n = torch.cuda.device_count() + 1
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}", "-m",
-                        "calora_cli", "train", str(tiny_base), *map(str, TRAIN), "--steps", "1", "--device", "cuda",
+                        "calora_cli", "train", str(trained_base), *map(str, TRAIN), "--steps", "1", "--device", "cuda",
                         "-o", str(tmp_path / "o")], capture_output=True, text=True, env=env)
     assert r.returncode != 0
     assert f"calora: error: this process (LOCAL_RANK {n - 1}) has no GPU of its own: {n - 1} visible" in r.stderr
