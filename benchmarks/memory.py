@@ -95,6 +95,8 @@ def main() -> int:
                 r = run_child(__file__, stage, str(base), str(lora), str(Path(tmp) / f"out-{stage}"))
                 row[stage] = (r["peak_rss"] - r["imports_rss"]) / 1e9
                 row[f"{stage}_wall"] = r["wall_s"]
+                print(f"{row['model_gb']:.2f} GB {stage}: {row[stage]:.2f} GB above imports, {r['wall_s']:.0f} s",
+                      file=sys.stderr, flush=True)  # a row at a time: a long run cut short still tells
             rows.append(row)
     print(f"Peak RSS above the imports, GB (wall s), each stage in a fresh process; {args.dtype} models\n")
     print("| model GB | " + " | ".join(stages) + " |")
