@@ -23,7 +23,7 @@ ca_method_wanda70    := --method wanda --sparsity 0.7
 ca_method_w24-gptq4  := --method wanda --pattern 2:4 --then gptq --bits 4 --group-size $(CA_GROUP)
 
 CA_TRAIN = --steps $(CA_STEPS) --lr $(CA_LR) --batch-size $(CA_BS) --seq-len $(CA_SEQ) -q --force
-CA_EVALARGS = --ppl $(CA_EVAL) --seq-len $(CA_SEQ) -q --force
+CA_EVALARGS = --ppl $(CA_EVAL) --seq-len $(CA_SEQ) -q --force $(HARNESS_ARGS)
 
 # the existing LoRA, trained once on the uncompressed model, and its upper-reference evaluation
 $(CA)/lora/calora.json: $(CA_MODEL)/config.json

@@ -28,7 +28,7 @@ losa_sparsity = 0.$(patsubst w%,%,$(word 1,$(subst -, ,$(1))))
 losa_alloc    = $(word 2,$(subst -, ,$(1)))
 
 LOSA_TRAIN = --steps $(LOSA_STEPS) --lr $(LOSA_LR) --batch-size $(LOSA_BS) --seq-len $(LOSA_SEQ) -q --force
-LOSA_EVALARGS = --ppl $(LOSA_EVAL) $(foreach t,$(LOSA_TASKS),--tasks $(t)) --limit $(LOSA_TASK_LIMIT) --seq-len $(LOSA_EVAL_SEQ) -q --force
+LOSA_EVALARGS = --ppl $(LOSA_EVAL) $(foreach t,$(LOSA_TASKS),--tasks $(t)) --limit $(LOSA_TASK_LIMIT) --seq-len $(LOSA_EVAL_SEQ) -q --force $(HARNESS_ARGS)
 
 # the LoRA trained on the dense model, and the dense references
 $(LOSA)/lora/calora.json: $(LOSA_MODEL)/config.json

@@ -20,7 +20,7 @@ NOLA_LORA_LR ?= 2e-3
 NOLA_LR   ?= 1e-2
 
 NOLA_COMMON = --steps $(NOLA_STEPS) --batch-size $(NOLA_BS) --seq-len $(NOLA_SEQ) -q --force
-NOLA_EVALARGS = --ppl $(NOLA_EVAL) $(foreach t,$(NOLA_TASKS),--tasks $(t)) --limit $(NOLA_TASK_LIMIT) --seq-len $(NOLA_EVAL_SEQ) -q --force
+NOLA_EVALARGS = --ppl $(NOLA_EVAL) $(foreach t,$(NOLA_TASKS),--tasks $(t)) --limit $(NOLA_TASK_LIMIT) --seq-len $(NOLA_EVAL_SEQ) -q --force $(HARNESS_ARGS)
 
 $(NOLA)/eval-base.json: $(NOLA_MODEL)/config.json
 	$(CALORA) eval $(NOLA_MODEL) $(NOLA_EVALARGS) -o $@
