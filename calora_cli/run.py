@@ -76,7 +76,9 @@ def resident_bytes(model: Artifact, dtype: str) -> int:
 
     from calora_cli.artifacts import read_safetensors_header
 
-    width = {"float32": 4, "bfloat16": 2, "float16": 2}[dtype]
+    from calora_cli.runtime import torch_dtype
+
+    width = torch_dtype(dtype).itemsize  # an unknown --dtype is refused here, in one line
     stored = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8}
     total = 0
     for w in model.weights:
