@@ -61,17 +61,26 @@ class TeacherCache:
     def __init__(self, teacher, examples, spec: DistillSpec, batch_size: int):
         import torch
 
+        def outputs():
+            with torch.no_grad():
+                for b in _batches(examples, batch_size):
+                    out = teacher(**b, output_hidden_states=spec.distill in ("hidden", "both"))
+                    yield (out.hidden_states[-1] if out.hidden_states else None), out.logits
+
+        self._fill(spec, outputs())
+
+    def _fill(self, spec: DistillSpec, outputs) -> None:
+        """Keep what distillation reads of each batch's (final hidden state, logits)."""
+        import torch
+
         self.hidden = spec.distill in ("hidden", "both")
         self.logits = spec.distill in ("logits", "both")
         hs, lg = [], []
-        with torch.no_grad():
-            for lo in range(0, len(examples), batch_size):
-                b = examples.batch(torch.arange(lo, min(lo + batch_size, len(examples))))
-                out = teacher(input_ids=b["input_ids"], attention_mask=b["attention_mask"], output_hidden_states=self.hidden)
-                if self.hidden:
-                    hs.append(out.hidden_states[-1])
-                if self.logits:
-                    lg.append(out.logits)
+        for hidden, logits in outputs:
+            if self.hidden:
+                hs.append(hidden)
+            if self.logits:
+                lg.append(logits)
         self.hidden_states = torch.cat(hs) if hs else None
         self.all_logits = torch.cat(lg) if lg else None
 
@@ -79,32 +88,18 @@ class TeacherCache:
     def streamed(cls, teacher_art, adapter_art, examples, spec: DistillSpec, batch_size: int, opts) -> "TeacherCache":
         """The same cache from one pass that reads the teacher one decoder layer at a time (its
         adapter folded into each layer as it is read): the teacher is never resident."""
-        import torch
-
         from calora_cli.adapters import block_patcher
         from calora_cli.evaluation.streamed import outputs_per_batch
         from calora_cli.runtime import resolve_device, torch_dtype
         from calora_cli.streaming import LayerSource
 
         self = cls.__new__(cls)
-        self.hidden = spec.distill in ("hidden", "both")
-        self.logits = spec.distill in ("logits", "both")
-        batches = []
-        for lo in range(0, len(examples), batch_size):
-            b = examples.batch(torch.arange(lo, min(lo + batch_size, len(examples))))
-            batches.append({"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]})
         source = LayerSource(teacher_art.path, teacher_art.weights, torch_dtype(opts.dtype), resolve_device(opts.device))
-        hs, lg = [], []
         try:
-            for _, hidden, logits in outputs_per_batch(source, batches, block_patcher(adapter_art)):
-                if self.hidden:
-                    hs.append(hidden)
-                if self.logits:
-                    lg.append(logits)
+            self._fill(spec, ((hidden, logits) for _, hidden, logits in
+                              outputs_per_batch(source, list(_batches(examples, batch_size)), block_patcher(adapter_art))))
         finally:
             source.close()
-        self.hidden_states = torch.cat(hs) if hs else None
-        self.all_logits = torch.cat(lg) if lg else None
         return self
 
     @staticmethod
@@ -120,6 +115,15 @@ class TeacherCache:
 
         return types.SimpleNamespace(hidden_states=[self.hidden_states[index]] if self.hidden else None,
                                      logits=self.all_logits[index] if self.logits else None)
+
+
+def _batches(examples, batch_size: int):
+    """The examples in order, batch_size at a time, as the teacher's inputs."""
+    import torch
+
+    for lo in range(0, len(examples), batch_size):
+        b = examples.batch(torch.arange(lo, min(lo + batch_size, len(examples))))
+        yield {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]}
 
 
 def make_loss(teacher, spec: DistillSpec, cache: TeacherCache | None = None):

@@ -77,9 +77,7 @@ def evaluate(
         n_windows = len(windows(ids.numel(), seq_len, stride))
         with progress("perplexity", n_windows, opts.show_progress) as advance:
             ppl = perplexity(model, ids, seq_len, stride, batch_size, on_batch=advance)
-        scored_bytes = predicted_bytes(tokenizer, text, ids, seq_len, stride)
-        result.update(perplexity=ppl.perplexity, tokens=ppl.tokens, bytes=scored_bytes,
-                      bits_per_byte=ppl.nll / (scored_bytes * math.log(2)), byte_perplexity=math.exp(ppl.nll / scored_bytes))
+        result.update(_text_scores(ppl, tokenizer, text, ids, seq_len, stride))
     result["tasks"] = {}
     for name, items in tasks.items():
         with progress(name, len(items), opts.show_progress) as advance:
@@ -108,10 +106,7 @@ def _streamed(model_art, adapter_art, tokenizer, text, tasks, seq_len, stride, b
             ids = tokenize_text(tokenizer, text)
             with progress("perplexity (streamed)", n_layers, opts.show_progress) as advance:
                 ppl = streamed.perplexity(source, ids, seq_len, stride, batch_size, patch, bound, on_layer=advance)
-            scored_bytes = predicted_bytes(tokenizer, text, ids, seq_len, stride)
-            result.update(perplexity=ppl.perplexity, tokens=ppl.tokens, bytes=scored_bytes,
-                          bits_per_byte=ppl.nll / (scored_bytes * math.log(2)),
-                          byte_perplexity=math.exp(ppl.nll / scored_bytes))
+            result.update(_text_scores(ppl, tokenizer, text, ids, seq_len, stride))
         result["tasks"] = {}
         for name, items in tasks.items():
             with progress(f"{name} (streamed)", n_layers, opts.show_progress) as advance:
@@ -120,6 +115,13 @@ def _streamed(model_art, adapter_art, tokenizer, text, tasks, seq_len, stride, b
     finally:
         source.close()
     return result
+
+
+def _text_scores(ppl, tokenizer, text: str, ids, seq_len: int, stride: int | None) -> dict:
+    """Token perplexity, and bits per byte and byte perplexity over the bytes the windows predict."""
+    scored_bytes = predicted_bytes(tokenizer, text, ids, seq_len, stride)
+    return {"perplexity": ppl.perplexity, "tokens": ppl.tokens, "bytes": scored_bytes,
+            "bits_per_byte": ppl.nll / (scored_bytes * math.log(2)), "byte_perplexity": math.exp(ppl.nll / scored_bytes)}
 
 
 def predicted_bytes(tokenizer, text: str, ids, seq_len: int, stride: int | None) -> int:
