@@ -57,6 +57,24 @@ def block_linears(block) -> dict[str, "torch.nn.Linear"]:
     return {name: m for name, m in block.named_modules() if isinstance(m, torch.nn.Linear)}
 
 
+# linears that read the same input, in the order a block runs them: GPTQ solves one group after
+# another, each from the inputs the already quantized groups produce (true sequential)
+_STAGES = (("q_proj", "k_proj", "v_proj", "qkv_proj"), ("o_proj",), ("gate_proj", "up_proj", "gate_up_proj"),
+           ("down_proj",))
+
+
+def sequential_groups(names) -> list[list[str]]:
+    """Block linear paths (self_attn.q_proj, ...) grouped by shared input, in execution order; a
+    linear of an unknown name gets a group of its own at the end."""
+    groups: list[list[str]] = [[] for _ in _STAGES]
+    rest = []
+    for name in names:
+        short = name.rsplit(".", 1)[-1]
+        stage = next((k for k, stems in enumerate(_STAGES) if short in stems), None)
+        (rest.append([name]) if stage is None else groups[stage].append(name))
+    return [g for g in groups if g] + rest
+
+
 def adapted_linears(model) -> dict[str, "torch.nn.Module"]:
     """Every linear-like layer inside the decoder blocks, outermost wrapper only (peft LoRA layer,
     GPTQ/bnb quantized linear or nn.Linear), by its module path in the base model."""

@@ -150,25 +150,36 @@ class LayerSource:
 
 
 class LayerWriter:
-    """The output checkpoint, sharded like the input (same files, same tensor in each file, the
-    input's index copied), written as the layers finish.
+    """The output checkpoint, sharded like the input (same files, same tensor in each file), written
+    as the layers finish.
 
-    Each output file's header is planned up front (pruning keeps every name, shape and dtype), with
-    its tensors ordered by decoder layer: those before the layers (embeddings) first, written at
-    once, byte for byte; each layer's as soon as it is done; those after (final norm, head) last.
-    Layers finish in ascending order, so every file is written front to back and no layer waits."""
+    Each output file's header is planned up front, with its tensors ordered by decoder layer: those
+    before the layers (embeddings) first, written at once, byte for byte; each layer's as soon as it
+    is done; those after (final norm, head) last. Layers finish in ascending order, so every file is
+    written front to back and no layer waits. Pruning keeps every name, shape and dtype and copies
+    the input's index; `plan` maps a source tensor (name, dtype, shape) to the entries that replace
+    it (GPTQ: one weight -> its packed tensors), whose tensors come through `replace`, and then the
+    index is written anew."""
 
-    def __init__(self, out: Path, source: LayerSource):
-        self.out, self.source = Path(out), source
+    def __init__(self, out: Path, source: LayerSource, plan=None):
+        self.out, self.source, self.plan = Path(out), source, plan
         self.files: dict[Path, TensorFileWriter] = {}
+        self.replaced: dict[int, dict[str, "torch.Tensor"]] = {}
         n = len(source.layers)
         for reader in source.readers:
-            names = sorted(reader.names(), key=lambda name: (_layer_of(name, n), name))
-            entries = [(name, reader.header[name]["dtype"], reader.header[name]["shape"]) for name in names]
+            entries = []
+            for name in reader.names():
+                entry = (name, reader.header[name]["dtype"], reader.header[name]["shape"])
+                entries += plan(*entry) if plan is not None else [entry]
+            entries.sort(key=lambda e: (_layer_of(e[0], n), e[0]))
             meta = reader.header.get("__metadata__") or {"format": "pt"}
             writer = TensorFileWriter(self.out / reader.path.name, entries, meta)
             self.files[reader.path] = writer
             self._copy_until(writer, 0, n)
+
+    def replace(self, i: int, tensors: dict[str, "torch.Tensor"]) -> None:
+        """Tensors (full names) written for layer i in place of what its parameters hold."""
+        self.replaced[i] = tensors
 
     def _copy_until(self, writer: "TensorFileWriter", layer: int, n: int) -> None:
         """Copy the file's next tensors, byte for byte, while they belong before `layer`'s (or after all)."""
@@ -180,6 +191,7 @@ class LayerWriter:
         n = len(self.source.layers)
         prefix = f"{LAYERS_PREFIX}{i}."
         params = {prefix + name: p.detach() for name, p in block.named_parameters()}
+        params.update(self.replaced.pop(i, {}))
         for writer in self.files.values():
             if not writer.done and _layer_of(writer.expects(), n) < i:
                 raise AssertionError(f"{writer.expects()} was skipped: layers must be written in order")
@@ -192,7 +204,7 @@ class LayerWriter:
                     writer.write(name, t.to(dtype=_dtype(writer.header[name]["dtype"])).cpu().contiguous())
 
     def finish(self) -> None:
-        """The tensors after the layers, the input's index, and its other files (config, tokenizer)."""
+        """The tensors after the layers, the index, and the input's other files (config, tokenizer)."""
         from calora_cli.artifacts import companion_files
 
         n = len(self.source.layers)
@@ -200,8 +212,18 @@ class LayerWriter:
             self._copy_until(writer, n + 1, n)
             if not writer.done:
                 raise AssertionError(f"{writer.expects()} was never written")
-        for f in companion_files(self.source.path, with_index=True):
+        index = self.plan is not None
+        for f in companion_files(self.source.path, with_index=not index):
             shutil.copy2(f, self.out / f.name)
+        if index and len(self.files) > 1:
+            self._write_index()
+
+    def _write_index(self) -> None:
+        weight_map = {name: path.name for path, w in self.files.items() for name in w.header if name != "__metadata__"}
+        total = sum(info["data_offsets"][1] - info["data_offsets"][0] for w in self.files.values()
+                    for name, info in w.header.items() if name != "__metadata__")
+        body = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        (self.out / "model.safetensors.index.json").write_text(json.dumps(body, indent=2) + "\n")
 
     def close(self) -> None:
         for writer in self.files.values():

@@ -225,6 +225,8 @@ def _gptq_dense_weights(path):
 
 
 def test_prune_then_gptq_keeps_the_zeros(cli, tiny_base, calib_text, tmp_path):
+    """Joint prune + GPTQ: the output is exactly 2:4 sparse after dequantization. The first
+    linears of block 0 see the same inputs as in a plain pruning run, so their masks are that run's."""
     _compress(cli, tiny_base, tmp_path / "pruned", "--method", "wanda", "--pattern", "2:4", "--calib", calib_text, *CAL)
     s = _compress(cli, tiny_base, tmp_path / "both", "--method", "wanda", "--pattern", "2:4", "--calib", calib_text,
                   *CAL, "--then", "gptq", "--group-size", "32")
@@ -232,11 +234,12 @@ def test_prune_then_gptq_keeps_the_zeros(cli, tiny_base, calib_text, tmp_path):
     deq = _gptq_dense_weights(tmp_path / "both")
     assert set(deq) == set(pruned)
     for name, w in deq.items():
-        assert (w[pruned[name] == 0] == 0).all(), name  # every pruned weight is exactly zero
         assert ((w != 0).reshape(w.shape[0], -1, 4).sum(-1) <= 2).all(), name
+    for proj in ("q_proj", "k_proj", "v_proj"):
+        w = deq[f"model.layers.0.self_attn.{proj}"]
+        assert (w[pruned[f"model.layers.0.self_attn.{proj}"] == 0] == 0).all(), proj
     m = _manifest(tmp_path / "both")
     assert m["params"]["then"] == "gptq" and m["metrics"]["sparsity"] >= 0.5
-    assert m["metrics"]["gptq_refilled_zeros"] > 0  # GPTQ alone would have filled them
     assert 0 < s["mean_block_rel_error"] < 0.2
 
 

@@ -1,19 +1,34 @@
-"""GPTQ through transformers' GPTQConfig -> optimum -> gptqmodel (4/8-bit, grouped).
+"""GPTQ (Frantar et al. 2023) on the streaming engine's Hessians, written in GPTQModel's packed format.
 
-gptqmodel runs GPTQ block by block itself; calora only prepares calibration text, checks the
-group size and keeps the calibration text out of config.json (gptqmodel stores it there).
+calora runs GPTQ itself rather than through gptqmodel: gptqmodel's quantizer lives inside its own
+model loop, which loads the whole model (through transformers' GPTQConfig it also quantizes on the
+first visible GPU), and its error compensation cannot keep a pruning mask. Here each linear is
+solved from the Hessian of its inputs that the block engine collects, one decoder layer at a time,
+and, given a keep-mask, pruned weights stay exactly zero while their error is compensated on the kept
+weights of later columns (joint prune + quantize, as SparseGPT's paper does it).
+
+The choices follow GPTQModel's defaults as transformers/optimum call it, so the two agree
+(benchmarks/compress.py): symmetric min-max groups, 1e-1 dampening, columns in blocks of 128,
+group parameters from the block-start weights, group-aware reordering (columns sorted by Hessian
+diagonal within each group, groups by their largest one: the solve order changes, the stored
+layout does not), and linears solved in execution order inside a block (true sequential).
 """
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from calora_cli.compress.gptq_format import check_bits, pack, unpack, zero_points
+from calora_cli.compress.gptq_format import check_bits, pack
 from calora_cli.errors import CaloraError
 
-BITS = (4, 8)
+if TYPE_CHECKING:
+    import torch
 
+NEEDS = "hessian"
+BITS = (4, 8)
+DAMP = 0.1
+BLOCK = 128
 
 # group sizes the int4 CPU kernel (torch's _weight_int4pack_mm) and gptqmodel's CUDA kernels run; a
 # model quantized with another one compresses fine and then cannot be evaluated, so it is refused
@@ -42,48 +57,133 @@ def check_group_size(config: dict, group_size: int) -> None:
             raise CaloraError(f"--group-size {group_size} does not divide the {width} input features of {names}{hint}")
 
 
-def quantize(src: Path, bits: int, group_size: int, calib_texts: list[str], tokenizer, seed: int,
-             device: str = "cpu", dtype: str = "float32"):
-    """Load `src` quantized with GPTQ on `device`; returns the quantized model there."""
-    import torch
-    from transformers import GPTQConfig
-
-    from calora_cli.models import quantize_on_load
-
+def check_bits_for_gptq(bits: int) -> None:
     if bits not in BITS:
         raise CaloraError(f"--bits must be one of {', '.join(map(str, BITS))} for gptq, got {bits}")
-    torch.manual_seed(seed)
-    cfg = GPTQConfig(bits=bits, group_size=group_size, dataset=calib_texts, tokenizer=tokenizer, desc_act=False, sym=True)
-    return quantize_on_load(src, cfg, device, dtype)
 
 
-def strip_calibration(config_path: Path) -> None:
-    """Drop the calibration text gptqmodel copies into config.json (the manifest records its fingerprint).
-
-    transformers accepts only a dataset name or None there on reload, so the key is removed.
-    """
-    cfg = json.loads(config_path.read_text())
-    q = cfg.get("quantization_config")
-    if q and q.pop("dataset", None) is not None:
-        config_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+@dataclass
+class Quantized:
+    weight: "torch.Tensor"  # (out, in) float32: exactly what the packed codes dequantize to
+    parts: dict  # qweight, qzeros, scales, g_idx (gptq_v2: zero points stored as they are)
 
 
-def keep_zeros(module, keep) -> int:
-    """Give every pruned weight of a GPTQ linear its group's zero code, which dequantizes to exactly 0.
-
-    gptqmodel's GPTQ has no option to preserve a sparsity mask (llm-compressor's
-    `preserve_sparsity_mask`): its error compensation writes non-zero values into pruned weights.
-    `keep` is the (out, in) boolean mask of the pruned model. Returns how many codes changed.
-    """
+def group_aware_order(diag: "torch.Tensor", group_size: int) -> "torch.Tensor":
+    """Solve order: within each group, columns by descending Hessian diagonal; groups by their
+    largest diagonal entry, descending (stable). Groups stay contiguous, so the stored g_idx is the
+    plain i // group_size."""
     import torch
 
-    bits = module.bits
+    groups = diag.numel() // group_size
+    values, local = torch.sort(diag.view(groups, group_size), dim=1, descending=True, stable=True)
+    order = torch.argsort(values[:, 0], descending=True, stable=True)
+    base = torch.arange(groups)[:, None] * group_size
+    return (local + base)[order].reshape(-1)
+
+
+def quantize(weight: "torch.Tensor", hessian: "torch.Tensor", bits: int, group_size: int,
+             keep: "torch.Tensor | None" = None, damp: float = DAMP, blocksize: int = BLOCK,
+             reorder: bool = True, round_scales: bool = True) -> Quantized:
+    """GPTQ one (out, in) weight against the Hessian 2 X^T X / n of its inputs.
+
+    `keep` (out, in) bool: weights outside it get the zero code, which dequantizes to exactly 0, and
+    their removal is compensated like a rounding error. Scales are rounded to float16 (as stored)
+    before any code is chosen, so the stored model dequantizes to the weight the solve compensated
+    for; gptqmodel solves with float32 scales and rounds them when it packs (`round_scales=False`
+    does as it does: its reference)."""
+    import torch
+
     check_bits(bits)
-    codes = unpack(module.qweight, bits, rows_packed=True)[: module.in_features]
-    # loaded modules hold v2 zero points whatever the checkpoint format
-    zeros = zero_points(module.qzeros, bits, v1=False, out_features=module.out_features)
-    zero_codes = zeros[module.g_idx.long()]  # (in, out)
-    new = torch.where(keep.T, codes, zero_codes)
-    changed = int((new != codes).sum())
-    module.qweight.data.copy_(pack(new, bits, rows_packed=True))
-    return changed
+    maxq = 2**bits - 1
+    mid = (maxq + 1) // 2
+    W = weight.detach().float().clone()
+    rows, cols = W.shape
+    if cols % group_size:
+        raise CaloraError(f"group size {group_size} does not divide the {cols} input features")
+    H = hessian.detach().float().clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    keep = None if keep is None else keep.clone()
+    if keep is not None:
+        W[~keep] = 0
+    perm = group_aware_order(torch.diag(H), group_size) if reorder else torch.arange(cols)
+    W, H = W[:, perm], H[perm][:, perm]
+    if keep is not None:
+        keep = keep[:, perm]
+    H += damp * torch.mean(torch.diag(H)) * torch.eye(cols)
+    # upper Cholesky factor of H^-1: row i holds the update direction for column i
+    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+
+    groups = cols // group_size
+    scales = torch.empty(rows, groups)  # by solve-order group
+    codes = torch.empty(rows, cols, dtype=torch.int32)
+    Q = torch.empty_like(W)
+    scale = None
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        W1 = W[:, i1:i2].clone()
+        Err = torch.empty_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            c = i1 + i
+            if c % group_size == 0:
+                # from W (updated once per block), as the reference does; pruned weights do not
+                # widen the range, they will be 0 whatever their running value
+                g = W[:, c : c + group_size]
+                if keep is not None:
+                    g = g * keep[:, c : c + group_size]
+                top = g.abs().amax(dim=1)
+                top = torch.where(top == 0, 1.0, top)
+                scale = 2 * top / maxq
+                if round_scales:
+                    scale = scale.half().float()
+                scales[:, c // group_size] = scale
+            w = W1[:, i]
+            code = torch.clamp(torch.round(w / scale) + mid, 0, maxq)
+            if keep is not None:
+                code = torch.where(keep[:, c], code, float(mid))
+            q = scale * (code - mid)
+            codes[:, c] = code.to(torch.int32)
+            Q[:, c] = q
+            err = (w - q) / Hinv1[i, i]
+            W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
+            Err[:, i] = err
+        W[:, i2:] -= Err @ Hinv[i1:i2, i2:]
+
+    inverse = torch.argsort(perm)
+    group_of = perm.view(groups, group_size)[:, 0] // group_size  # solve-order group -> stored group
+    stored = torch.empty_like(scales)
+    stored[:, group_of] = scales
+    codes = codes[:, inverse]
+    g_idx = (torch.arange(cols) // group_size).to(torch.int32)
+    parts = {
+        "qweight": pack(codes.T.contiguous(), bits, rows_packed=True),
+        "qzeros": pack(torch.full((groups, rows), mid, dtype=torch.int32), bits, rows_packed=False),
+        "scales": stored.T.contiguous().half(),
+        "g_idx": g_idx,
+    }
+    return Quantized(Q[:, inverse].contiguous(), parts)
+
+
+def packed_entries(name: str, shape: list[int], bits: int, group_size: int) -> list[tuple[str, str, list[int]]]:
+    """The packed tensors (name, safetensors dtype, shape) that replace one (out, in) linear weight."""
+    out, d_in = shape
+    stem = name.removesuffix(".weight")
+    per = 32 // bits
+    groups = d_in // group_size
+    return [(f"{stem}.g_idx", "I32", [d_in]), (f"{stem}.qweight", "I32", [d_in // per, out]),
+            (f"{stem}.qzeros", "I32", [groups, out // per]), (f"{stem}.scales", "F16", [groups, out])]
+
+
+def quantization_config(bits: int, group_size: int) -> dict:
+    """config.json's quantization_config for what `quantize` writes; transformers (through optimum
+    and gptqmodel) loads it and peft attaches LoRA to its linears."""
+    from calora_cli import __version__
+
+    return {
+        "quant_method": "gptq", "bits": bits, "group_size": group_size, "sym": True, "desc_act": False,
+        "act_group_aware": True, "true_sequential": True, "damp_percent": DAMP,
+        "checkpoint_format": "gptq_v2", "format": "gptq_v2", "backend": "auto",
+        "meta": {"quantizer": [f"calora:{__version__}"]},
+    }

@@ -85,20 +85,24 @@ def _release(activations) -> None:
 
 @dataclass
 class InputStats:
-    """Running statistics of a linear layer's inputs: what Wanda (norms) or SparseGPT (hessian) need."""
+    """Running statistics of a linear layer's inputs: what Wanda ("norms") or SparseGPT and GPTQ
+    ("hessian") need; `needs` names one, several, or none."""
 
-    needs: str | None
+    needs: "str | frozenset[str] | None"
     tokens: int = 0
     sq_sum: "torch.Tensor | None" = None
     xtx: "torch.Tensor | None" = None
 
+    def __post_init__(self) -> None:
+        self.needs = needs_of(self.needs)
+
     def add(self, x: "torch.Tensor") -> None:
         x = x.reshape(-1, x.shape[-1]).float()
         self.tokens += x.shape[0]
-        if self.needs == "norms":
+        if "norms" in self.needs:
             s = (x**2).sum(0)
             self.sq_sum = s if self.sq_sum is None else self.sq_sum + s
-        elif self.needs == "hessian":
+        if "hessian" in self.needs:
             h = x.T @ x
             self.xtx = h if self.xtx is None else self.xtx + h
 
@@ -111,13 +115,26 @@ class InputStats:
         return 2 * self.xtx / self.tokens
 
 
-def collect_stats(block, inputs, needs: str | None, keep: Callable = list) -> tuple[dict[str, InputStats], Captured]:
-    """One pass of the block: statistics of every linear's inputs, and the block's (dense) outputs."""
+def needs_of(*needs) -> frozenset[str]:
+    """The union of what several methods need (each a name, a set of names, or None)."""
+    out: set[str] = set()
+    for n in needs:
+        if isinstance(n, str):
+            out.add(n)
+        elif n:
+            out.update(n)
+    return frozenset(out)
+
+
+def collect_stats(block, inputs, needs, keep: Callable = list, only=None) -> tuple[dict[str, InputStats], Captured]:
+    """One pass of the block: statistics of its linears' inputs (those named in `only`, or all),
+    and the block's outputs."""
     linears = block_linears(block)
-    stats = {name: InputStats(needs) for name in linears}
+    names = list(linears) if only is None else only
+    stats = {name: InputStats(needs) for name in names}
     handles = [
-        m.register_forward_hook(lambda mod, args, out, s=stats[name]: s.add(args[0])) for name, m in linears.items()
-    ] if needs else []
+        linears[name].register_forward_hook(lambda mod, args, out, s=stats[name]: s.add(args[0])) for name in names
+    ] if needs_of(needs) else []
     try:
         outputs = keep(block_outputs(block, inputs))
     finally:
@@ -146,41 +163,75 @@ class BlockReport:
 def prune_sequential(
     model,
     calib: "torch.Tensor | None",
-    rates: list[float],
-    prune_fn: Callable,
-    needs: str | None,
+    rates: list[float] | None,
+    prune_fn: Callable | None,
+    needs,
     nm: tuple[int, int] | None,
     on_block: Callable[..., None] | None = None,
     blocks=None,
     keep: Callable = list,
+    quantize: Callable | None = None,
+    on_quantized: Callable[[int, dict], None] | None = None,
 ) -> Iterator[BlockReport]:
-    """Prune every linear of every decoder block in place; yield a report per block.
+    """Prune (`prune_fn`), quantize (`quantize`), or both, every linear of every decoder block in
+    place; yield a report per block.
 
-    Without calibration data (magnitude), blocks are pruned from their weights alone and no
-    output error is measured. `blocks`/`keep`: see the module's docstring.
+    Pruning alone takes every linear's statistics from one pass of the dense block. With
+    `quantize(name, weight, stats, keep) -> gptq.Quantized`, the block's linears are solved group
+    by group in execution order (arch.sequential_groups), each group's statistics from the block
+    with the earlier groups already compressed; a pruned linear is quantized with its own mask, so
+    its zeros stay zero (joint). `on_quantized(i, {linear: packed parts})` receives what replaces
+    block i's weights in the output. Without calibration data (magnitude), blocks are pruned from
+    their weights alone and no output error is measured. `blocks`/`keep`: see the module's docstring.
     """
     import torch
 
+    from calora_cli.arch import sequential_groups
+
+    needs = needs_of(needs, "hessian" if quantize is not None else None)
     inputs = keep(capture_inputs(model, calib)) if calib is not None else None
     for i, block in enumerate(decoder_layers(model) if blocks is None else blocks):
-        report = BlockReport(i, rates[i])
-        if inputs is not None:
-            stats, dense_out = collect_stats(block, inputs, needs, keep)
-        else:
+        report = BlockReport(i, rates[i] if rates else None)
+        linears = block_linears(block)
+        packed = {}
+        if inputs is None:
             stats, dense_out = {}, None
-        with torch.no_grad():
-            for name, lin in block_linears(block).items():
-                new = prune_fn(lin.weight.data, stats.get(name), rates[i], nm)
-                lin.weight.data.copy_(new)
-                z, n = zeros([lin.weight.data])
-                report.sparsity[name] = z / n
-                report.zeros += z
-                report.elements += n
+            stages = [list(linears)]
+        elif quantize is None:
+            stats, dense_out = collect_stats(block, inputs, needs, keep)
+            stages = [list(linears)]
+        else:
+            stages = sequential_groups(linears)
+            dense_out = None
+        for k, names in enumerate(stages):
+            if quantize is not None:
+                stats, out = collect_stats(block, inputs, needs, keep, only=names)
+                if k == 0:
+                    dense_out = out  # nothing of the block is compressed yet
+                else:
+                    _release(out)
+            with torch.no_grad():
+                for name in names:
+                    lin = linears[name]
+                    new = lin.weight.data
+                    if prune_fn is not None:
+                        new = prune_fn(new, stats.get(name), rates[i], nm)
+                    if quantize is not None:
+                        mask = (new != 0) if prune_fn is not None else None
+                        q = quantize(name, new, stats[name], mask)
+                        new, packed[name] = q.weight, q.parts
+                    lin.weight.data.copy_(new)
+                    z, n = zeros([lin.weight.data])
+                    report.sparsity[name] = z / n
+                    report.zeros += z
+                    report.elements += n
         if inputs is not None:
             previous, inputs = inputs, keep(block_outputs(block, inputs))
             _release(previous)
             report.rel_error = relative_error(dense_out, inputs)
             _release(dense_out)
+        if on_quantized is not None:
+            on_quantized(i, packed)
         if on_block is not None:
             on_block(1)
         yield report

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from calora_cli.arch import check_supported
 from calora_cli.artifacts import (
@@ -19,16 +17,13 @@ from calora_cli.artifacts import (
     write_manifest,
 )
 from calora_cli.compress import METHODS, PRUNERS, pruner
-from calora_cli.compress.masks import parse_pattern, zeros
+from calora_cli.compress.masks import parse_pattern
 from calora_cli.compress.sequential import block_errors_against
 from calora_cli.data import calibration_batch, read_text
 from calora_cli.errors import CaloraError
 from calora_cli.models import load_tokenizer
 from calora_cli.progress import progress
 from calora_cli.run import RunOptions, seed_everything
-
-if TYPE_CHECKING:
-    import torch
 
 
 @dataclass
@@ -75,10 +70,9 @@ class CompressSpec:
         elif self.then is not None:
             raise CaloraError("--then follows a pruning method (e.g. --method wanda --then gptq)")
         if self.method == "gptq" or self.then == "gptq":
-            from calora_cli.compress.gptq import BITS, check_group_size
+            from calora_cli.compress.gptq import check_bits_for_gptq, check_group_size
 
-            if self.bits not in BITS:
-                raise CaloraError(f"--bits must be 4 or 8 for gptq, got {self.bits}")
+            check_bits_for_gptq(self.bits)
             check_group_size(config, self.group_size)
         needs_calib = self.method in ("wanda", "sparsegpt", "gptq") or self.then == "gptq" or self.allocation == "rmi"
         if needs_calib and self.calib is None:
@@ -116,42 +110,25 @@ def compress_model(model_dir: Path, out: Path, spec: CompressSpec, opts: RunOpti
     metrics: dict = {}
 
     with atomic_output(out, opts.force) as tmp:
-        if spec.method in PRUNERS and spec.then is None:
-            metrics.update(_prune(src, tmp, calib, spec, nm, opts))
+        if spec.method in ("rtn-int8", "nf4"):
+            _bnb(src, tmp, tokenizer, calib, spec, opts, metrics)
         else:
-            _quantize(src, tmp, tokenizer, calib, spec, nm, opts, metrics)
+            metrics.update(_stream(src, tmp, calib, spec, nm, opts))
         _finish(tmp, src, spec, metrics)
     return _summary(out, spec, t0, metrics)
 
 
-def _quantize(src, tmp: Path, tokenizer, calib, spec: CompressSpec, nm, opts: RunOptions, metrics: dict) -> None:
-    """GPTQ (after pruning with --then gptq) or bitsandbytes: through the libraries, which load the
-    model whole."""
-    if spec.method in PRUNERS:
-        # the pruned model lives inside the output's temp dir, so a killed run leaves none behind
-        pruned = tmp / ".pruned"
-        pruned.mkdir()
-        metrics.update(_prune(src, pruned, calib, spec, nm, opts))
-        masks = _masks(pruned)
-        model = _gptq(pruned, spec, tokenizer, calib, opts)
-        shutil.rmtree(pruned)
-        _reimpose_masks(model, masks, metrics)
-    elif spec.method == "gptq":
-        model = _gptq(src.path, spec, tokenizer, calib, opts)
-    else:
-        from calora_cli.compress import bnb
+def _bnb(src, tmp: Path, tokenizer, calib, spec: CompressSpec, opts: RunOptions, metrics: dict) -> None:
+    """bitsandbytes NF4 / int8: through the library, which quantizes on load, so the model is whole."""
+    from calora_cli.compress import bnb
 
-        model = bnb.quantize(src.path, spec.method, opts.device, opts.dtype)
+    model = bnb.quantize(src.path, spec.method, opts.device, opts.dtype)
     # saved before any forward pass: bitsandbytes repacks 4-bit weights for its CPU kernel on the
     # first forward (bf16 absmax in another layout), and saving that repacked state wrote a model
     # 30x further from the original (KL) than the one quantized
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     metrics.update(block_errors_against(model, src.weights, calib))
-    if spec.method == "gptq" or spec.then == "gptq":
-        from calora_cli.compress.gptq import strip_calibration
-
-        strip_calibration(tmp / "config.json")
 
 
 def _finish(tmp: Path, src, spec: CompressSpec, metrics: dict) -> None:
@@ -168,14 +145,16 @@ def _summary(out: Path, spec: CompressSpec, t0: float, metrics: dict) -> dict:
             **{k: v for k, v in metrics.items() if not isinstance(v, (dict, list))}}
 
 
-def _prune(src, into: Path, calib, spec: CompressSpec, nm, opts: RunOptions) -> dict:
-    """Prune `src` into the directory `into`, one decoder layer at a time (streaming.py): the model
-    is never resident, and its checkpoint's dtype is kept on disk."""
+def _stream(src, into: Path, calib, spec: CompressSpec, nm, opts: RunOptions) -> dict:
+    """Prune and/or GPTQ-quantize `src` into the directory `into`, one decoder layer at a time
+    (streaming.py): the model is never resident, and its checkpoint's dtype is kept on disk."""
     from calora_cli.compress import sparsity_allocation as allocation
     from calora_cli.compress.sequential import input_grams, prune_sequential
     from calora_cli.runtime import resolve_device, torch_dtype
     from calora_cli.streaming import LayerSource, LayerWriter, Spill
 
+    prunes = spec.method in PRUNERS
+    quantizes = spec.method == "gptq" or spec.then == "gptq"
     source = LayerSource(src.path, src.weights, torch_dtype(opts.dtype), resolve_device(opts.device))
     spill = Spill(int(spec.activation_gb * 1e9), into / ".spill")
     writer = None
@@ -183,78 +162,83 @@ def _prune(src, into: Path, calib, spec: CompressSpec, nm, opts: RunOptions) -> 
         n_blocks = len(source.layers)
         if calib is not None:
             source.embed()
-        if spec.allocation == "rmi":
+        rates = None
+        if prunes and spec.allocation == "rmi":
             delta = spec.rmi_delta if spec.rmi_delta is not None else allocation.default_delta(spec.sparsity)
             spec.rmi_delta = delta
             with progress("rmi statistics", n_blocks, opts.show_progress) as advance:
                 grams = input_grams(source.model, calib, blocks=_counted(source.blocks(), advance), keep=spill)
             rates = allocation.rmi(spec.sparsity, allocation.importance(allocation.cka_matrix(grams)), delta)
-        else:
+        elif prunes:
             rates = allocation.uniform(spec.sparsity, n_blocks)
-        method = pruner(spec.method)
-        writer = LayerWriter(into, source)
-        with progress(f"{spec.method}", n_blocks, opts.show_progress) as advance:
-            reports = list(prune_sequential(source.model, calib, rates, method.prune, method.NEEDS, nm, on_block=advance,
-                                            blocks=source.blocks(writer), keep=spill))
+        method = pruner(spec.method) if prunes else None
+        quantize = plan = on_quantized = None
+        if quantizes:
+            quantize, plan = _gptq(spec, source.config.model_type)
+        writer = LayerWriter(into, source, plan=plan)
+        if quantizes:
+            on_quantized = _packed_into(writer)
+        label = "+".join(m for m in (spec.method if prunes else None, "gptq" if quantizes else None) if m)
+        with progress(label, n_blocks, opts.show_progress) as advance:
+            reports = list(prune_sequential(source.model, calib, rates, method.prune if prunes else None,
+                                            method.NEEDS if prunes else None, nm, on_block=advance,
+                                            blocks=source.blocks(writer), keep=spill, quantize=quantize,
+                                            on_quantized=on_quantized))
         writer.finish()
     finally:
         spill.remove()
         source.close()
         if writer is not None:
             writer.close()
-    out = {
-        "sparsity": sum(r.zeros for r in reports) / sum(r.elements for r in reports),
-        "layer_rates": [r.rate for r in reports],
-        "layer_sparsity": [r.sparsity for r in reports],
-    }
+    out: dict = {}
+    if prunes:
+        out["sparsity"] = sum(r.zeros for r in reports) / sum(r.elements for r in reports)
+        out["layer_rates"] = [r.rate for r in reports]
+        out["layer_sparsity"] = [r.sparsity for r in reports]
     if calib is not None:
         out["block_rel_error"] = [r.rel_error for r in reports]
         out["mean_block_rel_error"] = sum(out["block_rel_error"]) / len(reports)
+    if quantizes:
+        from calora_cli.compress.gptq import quantization_config
+
+        config_path = into / "config.json"
+        config = json.loads(config_path.read_text())
+        config["quantization_config"] = quantization_config(spec.bits, spec.group_size)
+        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return out
+
+
+def _gptq(spec: CompressSpec, model_type: str):
+    """GPTQ's solver for one linear, and the output plan that stores each block linear's weight as
+    its packed tensors."""
+    from calora_cli.arch import FAMILIES, LAYERS_PREFIX
+    from calora_cli.compress import gptq
+
+    linears = set(FAMILIES[model_type])
+
+    def quantize(name, weight, stats, keep):
+        return gptq.quantize(weight, stats.hessian, spec.bits, spec.group_size, keep=keep)
+
+    def plan(name, dtype, shape):
+        parts = name.rsplit(".", 2)
+        if name.startswith(LAYERS_PREFIX) and len(shape) == 2 and parts[-1] == "weight" and parts[-2] in linears:
+            return gptq.packed_entries(name, shape, spec.bits, spec.group_size)
+        return [(name, dtype, shape)]
+
+    return quantize, plan
+
+
+def _packed_into(writer):
+    from calora_cli.arch import LAYERS_PREFIX
+
+    def hand_over(i: int, packed: dict) -> None:
+        writer.replace(i, {f"{LAYERS_PREFIX}{i}.{name}.{part}": t for name, parts in packed.items()
+                           for part, t in parts.items()})
+
+    return hand_over
 
 
 def _counted(blocks, advance):
     for block in blocks:
         yield block
         advance(1)
-
-
-def _gptq(src: Path, spec: CompressSpec, tokenizer, calib, opts: RunOptions):
-    from calora_cli.compress import gptq
-
-    texts = [tokenizer.decode(row) for row in calib]
-    with progress("gptq", None, opts.show_progress):
-        return gptq.quantize(src, spec.bits, spec.group_size, texts, tokenizer, opts.seed, opts.device, opts.dtype)
-
-
-def _masks(pruned: Path) -> dict[str, "torch.Tensor"]:
-    """Keep-masks (weight != 0) of every linear in the decoder blocks of a pruned checkpoint, by
-    "<layer>.<module path>" (as _reimpose_masks finds them), read one tensor at a time."""
-    from calora_cli.arch import LAYERS_PREFIX
-    from calora_cli.tensor_io import ShardReader
-
-    masks = {}
-    for f in safetensors_files(pruned):
-        with ShardReader(f) as r:
-            for name in r.names():
-                if name.startswith(LAYERS_PREFIX) and name.endswith(".weight") and len(r.header[name]["shape"]) == 2:
-                    layer, _, rest = name[len(LAYERS_PREFIX):].partition(".")
-                    masks[f"{layer}.{rest.removesuffix('.weight')}"] = r.get_tensor(name) != 0
-    return masks
-
-
-def _reimpose_masks(model, masks: dict, metrics: dict) -> None:
-    """Put the pruned model's zeros back into the GPTQ codes; record how many GPTQ had filled."""
-    from calora_cli.arch import decoder_layers
-    from calora_cli.compress.gptq import keep_zeros
-
-    refilled = zero = total = 0
-    for i, block in enumerate(decoder_layers(model)):
-        for name, m in block.named_modules():
-            if hasattr(m, "qweight"):
-                refilled += keep_zeros(m, masks[f"{i}.{name}"])
-                z, n = zeros([m.dequantize_weight()])
-                zero += z
-                total += n
-    metrics["gptq_refilled_zeros"] = refilled
-    metrics["sparsity"] = zero / total
