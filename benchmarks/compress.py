@@ -8,6 +8,13 @@ separate venv):
     python3 -m venv /tmp/llmc && /tmp/llmc/bin/pip install torch==2.13.0 llmcompressor==0.14.0.1
     .venv/bin/python benchmarks/compress.py --llmcompressor-python /tmp/llmc/bin/python
 
+With --gptqmodel, GPTQModel (7.6, through transformers' GPTQConfig and optimum: the route calora
+took before its own solver) quantizes the same model on the same calibration windows for each GPTQ
+row, in a child process of this interpreter, for perplexity and speed side by side:
+
+    .venv/bin/python benchmarks/compress.py --model ~/.cache/calora/models/smollm2-135m \
+        --methods "gptq 4-bit g64" --gptqmodel
+
 Defaults use the quickstart's pretrained model (make -C recipes tiny) and the shipped text.
 """
 
@@ -32,6 +39,7 @@ METHODS = {
     "sparsegpt 50%": ["--method", "sparsegpt", "--sparsity", "0.5"],
     "wanda 2:4": ["--method", "wanda", "--pattern", "2:4"],
     "sparsegpt 2:4": ["--method", "sparsegpt", "--pattern", "2:4"],
+    "gptq 4-bit g64": ["--method", "gptq", "--bits", "4", "--group-size", "64"],
     "gptq 4-bit g128": ["--method", "gptq", "--bits", "4", "--group-size", "128"],
     "gptq 8-bit g128": ["--method", "gptq", "--bits", "8", "--group-size", "128"],
     "nf4": ["--method", "nf4"],
@@ -62,7 +70,12 @@ def run_measured(cmd: list[str]) -> tuple[float, float, str]:
 
 
 def perplexity(model: Path, text: Path, seq_len: int) -> float:
-    _, _, out = run_measured([*CALORA, "eval", str(model), "--ppl", str(text), "--seq-len", str(seq_len), "--json", "-q"])
+    """Streamed (each layer read once, GPTQ dequantized exactly) where calora can read the checkpoint
+    layer by layer: the same numbers as a whole-model evaluation, minutes faster than the CPU GPTQ kernel."""
+    q = json.loads((model / "config.json").read_text()).get("quantization_config") or {}
+    stream = ["--stream"] if q.get("quant_method") in (None, "gptq") else []
+    _, _, out = run_measured([*CALORA, "eval", str(model), "--ppl", str(text), "--seq-len", str(seq_len), *stream,
+                              "--json", "-q"])
     return json.loads(out)["perplexity"]
 
 
@@ -107,6 +120,31 @@ model.save_pretrained(out); tok.save_pretrained(out)
 '''
 
 
+# GPTQModel's GPTQ as transformers calls it; the windows go in tokenized, so both tools see the same tokens
+GPTQMODEL = r'''
+import json, os, sys, torch
+os.environ.setdefault("GPTQMODEL_DISABLE_PACK_EXT", "1")
+from transformers import AutoModelForCausalLM, AutoTokenizer, GPTQConfig
+src, out, bits, group, windows = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), json.load(open(sys.argv[5]))
+data = [{"input_ids": torch.tensor([w]), "attention_mask": torch.ones(1, len(w), dtype=torch.long)} for w in windows]
+cfg = GPTQConfig(bits=bits, group_size=group, dataset=data, desc_act=False, sym=True)
+model = AutoModelForCausalLM.from_pretrained(src, quantization_config=cfg, device_map="cpu", dtype=torch.float32)
+model.config.quantization_config.dataset = None
+model.save_pretrained(out); AutoTokenizer.from_pretrained(src).save_pretrained(out)
+'''
+
+
+def _windows(args, tmp: str) -> Path:
+    from calora_cli.data import calibration_batch, read_text
+    from calora_cli.models import load_tokenizer
+
+    wfile = Path(tmp) / "windows.json"
+    if not wfile.exists():
+        windows = calibration_batch(load_tokenizer(args.model), read_text(args.calib), args.calib_samples, args.seq_len, 0)
+        wfile.write_text(json.dumps(windows.tolist()))
+    return wfile
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path, default=Path.home() / ".cache/calora/models/tiny-shakespeare")
@@ -116,6 +154,7 @@ def main() -> int:
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--methods", default=",".join(METHODS), help="comma list of the rows to run")
     ap.add_argument("--llmcompressor-python", type=Path, help="python of a venv with llmcompressor installed")
+    ap.add_argument("--gptqmodel", action="store_true", help="GPTQModel beside each GPTQ row (same windows)")
     args = ap.parse_args()
     if not (args.model / "config.json").exists():
         sys.exit(f"no model at {args.model}: run `make -C recipes tiny` first, or pass --model")
@@ -130,14 +169,16 @@ def main() -> int:
             rows.append((f"calora {name}", f"{secs:.1f}", rss, size_mb(out), perplexity(out, args.eval, args.seq_len),
                          sparsity_by_group(out) if "gptq" not in name and name not in ("nf4", "rtn-int8") else "-"))
             print(f"done: {name}", file=sys.stderr)
+            argv = METHODS[name]
+            if args.gptqmodel and argv[:2] == ["--method", "gptq"]:
+                bits, group = argv[argv.index("--bits") + 1], argv[argv.index("--group-size") + 1]
+                ref = Path(tmp) / f"gptqmodel-{bits}-{group}"
+                secs, rss, _ = run_measured([sys.executable, "-c", GPTQMODEL, str(args.model), str(ref), bits, group,
+                                             str(_windows(args, tmp))])
+                rows.append((f"GPTQModel {name}", f"{secs:.1f}", rss, size_mb(ref), perplexity(ref, args.eval, args.seq_len), "-"))
+                print(f"done: GPTQModel {name}", file=sys.stderr)
         if args.llmcompressor_python:
-            from calora_cli.data import read_text
-            from calora_cli.models import load_tokenizer
-            from calora_cli.data import calibration_batch
-
-            windows = calibration_batch(load_tokenizer(args.model), read_text(args.calib), args.calib_samples, args.seq_len, 0)
-            wfile = Path(tmp) / "windows.json"
-            wfile.write_text(json.dumps(windows.tolist()))
+            wfile = _windows(args, tmp)
             for method in ("wanda", "sparsegpt"):
                 out = Path(tmp) / f"llmc-{method}"
                 secs, rss, _ = run_measured([str(args.llmcompressor_python), "-c", LLMC, str(args.model), str(out), method, str(wfile)])

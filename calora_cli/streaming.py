@@ -68,6 +68,7 @@ class LayerSource:
             raise CaloraError(f"cannot load model {path}: {str(e).strip().splitlines()[0]}") from e
         self.readers = [ShardReader(w) for w in weights]
         self.where = {n: r for r in self.readers for n in r.names()}
+        self.gptq = _gptq_layout(config_dict, path)
         with library_chatter_hidden(), init_empty_weights():
             self.model = AutoModelForCausalLM.from_config(self.config, dtype=compute_dtype)
         self.model.eval()
@@ -97,15 +98,28 @@ class LayerSource:
         return t
 
     def load(self, module, prefix: str) -> None:
-        """Fill `module`'s meta parameters from the tensors named `prefix` + their name."""
+        """Fill `module`'s meta parameters from the tensors named `prefix` + their name. A GPTQ
+        checkpoint's linear weight is stored packed: it is dequantized (exactly, in float32) into
+        the dense skeleton's weight, so the layer computes what the codes stand for."""
         from accelerate.utils import set_module_tensor_to_device
 
         for name, p in list(module.named_parameters()):
-            t = self.read(prefix + name)
+            t = self._packed(prefix + name) if self.gptq else None
+            if t is None:
+                t = self.read(prefix + name)
             if tuple(t.shape) != tuple(p.shape):
                 raise CaloraError(f"cannot load model {self.path}: {prefix + name} has shape {list(t.shape)}, "
                                   f"its config needs {list(p.shape)}")
             set_module_tensor_to_device(module, name, self.device, value=t, dtype=self.compute_dtype)
+
+    def _packed(self, name: str) -> "torch.Tensor | None":
+        from calora_cli.compress.gptq_format import PARTS, dequantize
+
+        stem = name.removesuffix(".weight")
+        if name in self.where or stem == name or f"{stem}.qweight" not in self.where:
+            return None
+        bits, v1 = self.gptq
+        return dequantize({part: self.read(f"{stem}.{part}") for part in PARTS}, bits, v1)
 
     @staticmethod
     def free(module) -> None:
@@ -228,6 +242,21 @@ class LayerWriter:
     def close(self) -> None:
         for writer in self.files.values():
             writer.close()
+
+
+def _gptq_layout(config: dict, path: Path) -> tuple[int, bool] | None:
+    """(bits, v1 zero points) of a GPTQ checkpoint; None for a dense one; other quantized formats
+    are refused (they load whole)."""
+    q = config.get("quantization_config")
+    if not q:
+        return None
+    if q.get("quant_method") != "gptq":
+        raise CaloraError(f"model {path} is quantized ({q.get('quant_method', 'unknown method')}); "
+                          "only dense, pruned and GPTQ checkpoints are read layer by layer")
+    from calora_cli.compress.gptq_format import check_bits, is_v1
+
+    check_bits(q.get("bits", 4))
+    return q.get("bits", 4), is_v1(q)
 
 
 def _layer_of(name: str, n: int) -> int:

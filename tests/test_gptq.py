@@ -119,3 +119,30 @@ def test_joint_prune_gptq_beats_refill_on_a_trained_model(trained_base, calib_te
     (je, jp), (re_, rp) = results["joint"], results["refill"]
     assert all(j < r for j, r in zip(je, re_)), (je, re_)
     assert jp < rp, (jp, rp)
+
+
+def test_streamed_evaluation_of_a_gptq_base_matches_the_kernel_s(cli, trained_base, trained_lora, calib_text, small_text, tmp_path):
+    """calora's GPTQ output reloads in transformers (gptqmodel's kernel) and takes a peft LoRA;
+    evaluated one layer at a time (codes dequantized into dense layers) it scores what the whole
+    model scores through the kernel, with the adapter too."""
+    import json
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "q"
+    r = cli("compress", trained_base, "-o", out, "--method", "gptq", "--group-size", "32", "--calib", calib_text,
+            "--calib-samples", "16", "--seq-len", "64", "-q")
+    assert r.exit_code == 0, r.output
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(out, device_map="cpu"), trained_lora)
+    assert peft_model(torch.randint(0, 500, (1, 8))).logits.isfinite().all()
+    scores = {}
+    for mode in ("--stream", "--no-stream"):
+        for adapter in ([], ["--adapter", trained_lora]):
+            r = cli("eval", out, *adapter, "--ppl", small_text, "--seq-len", "64", mode, "--json", "-q")
+            assert r.exit_code == 0, r.output
+            scores[mode, bool(adapter)] = json.loads(r.stdout)["perplexity"]
+    for with_adapter in (False, True):
+        s, w = scores["--stream", with_adapter], scores["--no-stream", with_adapter]
+        assert abs(s / w - 1) < 2e-3, (with_adapter, s, w)
+    assert scores["--stream", True] != scores["--stream", False]

@@ -46,10 +46,11 @@ class CompressSpec:
         if self.method not in METHODS:
             raise CaloraError(f"unknown --method {self.method!r} (choose from {', '.join(METHODS)})")
         nm = None
+        if config.get("quantization_config"):
+            q = config["quantization_config"].get("quant_method", "quantized")
+            raise CaloraError(f"the model is already quantized ({q}); compress the unquantized model "
+                              "(prune, then quantize: --then gptq)")
         if self.method in PRUNERS:
-            if config.get("quantization_config"):
-                q = config["quantization_config"].get("quant_method", "quantized")
-                raise CaloraError(f"the model is already quantized ({q}); prune the unquantized model, then quantize (--then gptq)")
             nm = parse_pattern(self.pattern)
             if nm is None:
                 if self.sparsity is None or not 0 < self.sparsity < 1:

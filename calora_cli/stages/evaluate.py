@@ -59,8 +59,6 @@ def evaluate(
     if stream is None:
         stream = not quantized and not harness and resident_bytes(model_art, opts.dtype) > available_memory() // 2
     if stream:
-        if quantized:
-            raise CaloraError("--stream reads dense or pruned checkpoints layer by layer; a quantized base loads whole")
         if harness:
             raise CaloraError("--harness hands lm-eval a whole model: it cannot run with --stream")
         return _streamed(model_art, adapter_art, tokenizer, text, tasks, seq_len, stride, batch_size, activation_gb, opts)
