@@ -1,4 +1,5 @@
-"""Peak memory against model size: compress (each pruning family), eval, merge and info --verify.
+"""Peak memory against model size: compress (each pruning family, GPTQ, joint prune + GPTQ), eval
+(whole, streamed, streamed on the GPTQ output), the teacher pass, merge and info --verify.
 
 Builds Llama models of about --sizes GB (random weights, sharded, --dtype float32 or bfloat16), a
 rank-16 LoRA for each, and runs every stage in a fresh process, reading its peak resident set
@@ -24,7 +25,8 @@ from measure import rss, run_child
 
 REPO = Path(__file__).resolve().parents[1]
 TEXT = REPO.parent / "shared" / "data" / "shakespeare" / "plays" / "histories--richard-ii.txt"
-STAGES = ("magnitude", "wanda", "sparsegpt", "eval", "eval-stream", "merge", "verify")
+STAGES = ("magnitude", "wanda", "sparsegpt", "gptq", "wanda-gptq", "eval", "eval-stream", "eval-gptq", "teacher",
+          "merge", "verify")
 
 
 def build(root: Path, size_gb: float, dtype: str = "float32") -> tuple[Path, Path]:
@@ -55,13 +57,26 @@ def child(stage: str, base: Path, lora: Path, out: Path) -> None:
     opts = RunOptions(show_progress=False, allow_base_mismatch=True)
     imports = rss("VmRSS")
     t0 = time.perf_counter()
+    calib = {"calib": TEXT, "calib_samples": 8, "seq_len": 128}
+    short = out.with_suffix(".txt")
+    short.write_text(TEXT.read_text()[:20000])  # a few thousand tokens: memory, not throughput, is measured
     if stage in ("magnitude", "wanda", "sparsegpt"):
-        calib = {} if stage == "magnitude" else {"calib": TEXT, "calib_samples": 8, "seq_len": 128}
-        compress_model(base, out, CompressSpec(stage, 0.5, **calib), opts)
+        compress_model(base, out, CompressSpec(stage, 0.5, **({} if stage == "magnitude" else calib)), opts)
+    elif stage == "gptq":
+        compress_model(base, out, CompressSpec("gptq", bits=4, group_size=128, **calib), opts)
+    elif stage == "wanda-gptq":
+        compress_model(base, out, CompressSpec("wanda", 0.5, then="gptq", bits=4, group_size=128, **calib), opts)
     elif stage in ("eval", "eval-stream"):
-        short = out.with_suffix(".txt")
-        short.write_text(TEXT.read_text()[:20000])  # a few thousand tokens: memory, not throughput, is measured
         evaluate(base, opts, ppl_file=short, seq_len=256, stream=stage == "eval-stream")
+    elif stage == "eval-gptq":  # the "gptq" stage's output, read layer by layer
+        evaluate(out.with_name("out-gptq"), opts, ppl_file=short, seq_len=256, stream=True)
+    elif stage == "teacher":  # recover/sparsify-adapter --cache-teacher: the teacher + LoRA in one streamed pass
+        from calora_cli.data import load_examples
+        from calora_cli.distill import DistillSpec, cache_teacher
+        from calora_cli.models import load_tokenizer
+
+        examples = load_examples(short, load_tokenizer(base), 128)
+        cache_teacher(open_artifact(base), open_artifact(lora), examples, DistillSpec(), 8, opts)
     elif stage == "merge":
         merge(base, [lora], out, opts)
     else:

@@ -1,5 +1,5 @@
-"""A model larger than the memory it may use: compress (Wanda) and evaluate (streamed) a synthetic
-bf16 Llama of --size-gb under a hard cap on resident memory.
+"""A model larger than the memory it may use: compress (Wanda, GPTQ) and evaluate (streamed, the
+dense and the GPTQ model) a synthetic bf16 Llama of --size-gb under a hard cap on resident memory.
 
 The checkpoint is written one 5 GB shard at a time (random bf16 weights, sharded as transformers
 shards), so building it needs one shard of memory, not the model. Each calora command runs in a
@@ -121,6 +121,7 @@ def main() -> int:
     ap.add_argument("--hidden", type=int, default=3072)
     ap.add_argument("--intermediate", type=int, default=8192)
     ap.add_argument("--workdir", type=Path, default=None)
+    ap.add_argument("--runs", default="", help="comma list of substrings of the runs to keep (default: all)")
     args = ap.parse_args()
     calora = [sys.executable, "-m", "calora_cli"]
     with tempfile.TemporaryDirectory(prefix="calora-bench-scale-", dir=args.workdir) as tmp:
@@ -137,13 +138,21 @@ def main() -> int:
                                    "--activation-memory", "0.2", "--json", "-q"],
             "eval --stream": [*calora, "eval", str(model), "--ppl", str(short), "--seq-len", "256", "--stream",
                               "--activation-memory", "0.2", "--json", "-q"],
+            "compress gptq 4-bit g128": [*calora, "compress", str(model), "-o", str(Path(tmp) / "gptq"), "--method", "gptq",
+                                         "--bits", "4", "--group-size", "128", "--calib", str(TEXT), "--calib-samples", "8",
+                                         "--seq-len", "128", "--activation-memory", "0.2", "--json", "-q"],
+            "eval --stream (the GPTQ model)": [*calora, "eval", str(Path(tmp) / "gptq"), "--ppl", str(short), "--seq-len",
+                                               "256", "--stream", "--activation-memory", "0.2", "--json", "-q"],
         }
+        if args.runs:
+            runs = {k: v for k, v in runs.items() if any(r in k for r in args.runs.split(","))}
         rows = []
         for name, cmd in runs.items():
             secs, peak, out = capped(cmd, args.cap_gb)
             summary = json.loads(out.strip().splitlines()[-1])
             what = (f"sparsity {summary['sparsity']:.3f}" if "sparsity" in summary
-                    else f"perplexity {summary['perplexity']:.1f}")
+                    else f"perplexity {summary['perplexity']:.1f}" if "perplexity" in summary
+                    else f"weights {summary['weights_bytes'] / 1e9:.2f} GB, mean block error {summary['mean_block_rel_error']:.2g}")
             rows.append((name, secs, peak, what))
             print(f"done: {name}", file=sys.stderr)
     print(f"\nsynthetic Llama, {gb:.2f} GB bf16 ({layers} layers, hidden {args.hidden}), cap {args.cap_gb} GB resident, "

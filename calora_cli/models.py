@@ -67,20 +67,6 @@ def load_model(path: Path, device: str = "cpu", dtype: str = "float32", shardabl
     return model
 
 
-def quantize_on_load(src: Path, quantization_config, device: str, dtype: str) -> "PreTrainedModel":
-    """`src` quantized as it loads (GPTQ, bitsandbytes), on `device`; the libraries' chatter hidden.
-
-    The dtype is passed on explicitly: gptqmodel would pick bf16 on CPU, whose matmuls are ~10x
-    slower on CPUs without AMX (float32, the default, is what calora's CPU runs use)."""
-    from transformers import AutoModelForCausalLM
-
-    with library_chatter_hidden():
-        return AutoModelForCausalLM.from_pretrained(
-            src, quantization_config=quantization_config, device_map=str(resolve_device(device)),
-            dtype=torch_dtype(dtype), trust_remote_code=False, use_safetensors=True, local_files_only=True,
-        )
-
-
 def gptq_kernel(path: Path, dev: "torch.device", dtype: str) -> dict:
     """from_pretrained arguments that pick the GPTQ kernel on CUDA (none elsewhere, or for other models).
 

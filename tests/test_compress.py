@@ -178,6 +178,28 @@ def test_nf4_output_does_not_depend_on_the_block_error_pass(cli, trained_base, c
     assert (tmp_path / "plain" / "model.safetensors").read_bytes() == (tmp_path / "calib" / "model.safetensors").read_bytes()
 
 
+@pytest.mark.parametrize("method", ["nf4", "rtn-int8"])
+def test_bitsandbytes_streamed_equals_transformers_loader(cli, trained_base, tmp_path, method):
+    """Quantized one layer at a time, the output holds, tensor for tensor, what transformers writes
+    after loading the whole model with the same BitsAndBytesConfig, and the same quantization_config."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from calora_cli.tensor_io import load_tensors
+
+    cfg = (BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+           if method == "nf4" else BitsAndBytesConfig(load_in_8bit=True))
+    AutoModelForCausalLM.from_pretrained(trained_base, quantization_config=cfg, device_map="cpu",
+                                         dtype=torch.float32).save_pretrained(tmp_path / "whole")
+    _compress(cli, trained_base, tmp_path / "streamed", "--method", method)
+    whole, streamed = (load_tensors(sorted((tmp_path / d).glob("*.safetensors")), lambda n: True)
+                       for d in ("whole", "streamed"))
+    assert set(whole) == set(streamed) and any(n.endswith(".SCB") or n.endswith(".absmax") for n in whole)
+    for name, t in whole.items():
+        assert t.dtype == streamed[name].dtype and torch.equal(t, streamed[name]), name
+    q = [json.loads((tmp_path / d / "config.json").read_text())["quantization_config"] for d in ("whole", "streamed")]
+    assert q[0] == q[1]
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -189,7 +211,7 @@ def test_nf4_output_does_not_depend_on_the_block_error_pass(cli, trained_base, c
         # 16 compressed fine and then no CPU kernel could evaluate it (_weight_int4pack_mm takes 32-256)
         (["--method", "gptq", "--group-size", "16"], "--group-size 16 is not one the GPTQ kernels run"),
         (["--method", "wanda", "--sparsity", "0.5", "--then", "gptq", "--group-size", "48"], "--group-size 48 is not one"),
-        (["--method", "gptq", "--bits", "3"], "--bits must be 4 or 8"),
+        (["--method", "gptq", "--bits", "3"], "--bits must be one of 4, 8 for gptq"),
         (["--method", "zip"], "unknown --method 'zip'"),
         (["--method", "wanda", "--sparsity", "0.5"], "needs calibration text"),
         (["--method", "wanda", "--pattern", "2:4", "--allocation", "rmi"], "use one or the other"),

@@ -16,6 +16,7 @@ layout does not), and linears solved in execution order inside a block (true seq
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -77,7 +78,7 @@ def group_aware_order(diag: "torch.Tensor", group_size: int) -> "torch.Tensor":
     groups = diag.numel() // group_size
     values, local = torch.sort(diag.view(groups, group_size), dim=1, descending=True, stable=True)
     order = torch.argsort(values[:, 0], descending=True, stable=True)
-    base = torch.arange(groups)[:, None] * group_size
+    base = torch.arange(groups, device=diag.device)[:, None] * group_size
     return (local + base)[order].reshape(-1)
 
 
@@ -107,17 +108,18 @@ def quantize(weight: "torch.Tensor", hessian: "torch.Tensor", bits: int, group_s
     keep = None if keep is None else keep.clone()
     if keep is not None:
         W[~keep] = 0
-    perm = group_aware_order(torch.diag(H), group_size) if reorder else torch.arange(cols)
+    dev = W.device
+    perm = group_aware_order(torch.diag(H), group_size) if reorder else torch.arange(cols, device=dev)
     W, H = W[:, perm], H[perm][:, perm]
     if keep is not None:
         keep = keep[:, perm]
-    H += damp * torch.mean(torch.diag(H)) * torch.eye(cols)
+    H += damp * torch.mean(torch.diag(H)) * torch.eye(cols, device=dev)
     # upper Cholesky factor of H^-1: row i holds the update direction for column i
     Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
 
     groups = cols // group_size
-    scales = torch.empty(rows, groups)  # by solve-order group
-    codes = torch.empty(rows, cols, dtype=torch.int32)
+    scales = torch.empty(rows, groups, device=dev)  # by solve-order group
+    codes = torch.empty(rows, cols, dtype=torch.int32, device=dev)
     Q = torch.empty_like(W)
     scale = None
     for i1 in range(0, cols, blocksize):
@@ -136,7 +138,7 @@ def quantize(weight: "torch.Tensor", hessian: "torch.Tensor", bits: int, group_s
                 top = g.abs().amax(dim=1)
                 top = torch.where(top == 0, 1.0, top)
                 scale = 2 * top / maxq
-                if round_scales:
+                if round_scales and not os.environ.get("CALORA_GPTQ_FP32_SCALES"):
                     scale = scale.half().float()
                 scales[:, c // group_size] = scale
             w = W1[:, i]
@@ -155,7 +157,7 @@ def quantize(weight: "torch.Tensor", hessian: "torch.Tensor", bits: int, group_s
     group_of = perm.view(groups, group_size)[:, 0] // group_size  # solve-order group -> stored group
     stored = torch.empty_like(scales)
     stored[:, group_of] = scales
-    codes = codes[:, inverse]
+    codes, stored = codes[:, inverse].cpu(), stored.cpu()  # packing runs on the CPU, where it is written
     g_idx = (torch.arange(cols) // group_size).to(torch.int32)
     parts = {
         "qweight": pack(codes.T.contiguous(), bits, rows_packed=True),

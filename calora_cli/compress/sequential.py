@@ -172,14 +172,16 @@ def prune_sequential(
     keep: Callable = list,
     quantize: Callable | None = None,
     on_quantized: Callable[[int, dict], None] | None = None,
+    quantize_needs="hessian",
 ) -> Iterator[BlockReport]:
     """Prune (`prune_fn`), quantize (`quantize`), or both, every linear of every decoder block in
     place; yield a report per block.
 
     Pruning alone takes every linear's statistics from one pass of the dense block. With
-    `quantize(name, weight, stats, keep) -> gptq.Quantized`, the block's linears are solved group
-    by group in execution order (arch.sequential_groups), each group's statistics from the block
-    with the earlier groups already compressed; a pruned linear is quantized with its own mask, so
+    `quantize(name, weight, stats, keep) -> gptq.Quantized` needing input statistics
+    (`quantize_needs`: GPTQ's Hessian), the block's linears are solved group by group in execution
+    order (arch.sequential_groups), each group's statistics from the block with the earlier groups
+    already compressed (round-to-nearest needs none: one pass); a pruned linear is quantized with its own mask, so
     its zeros stay zero (joint). `on_quantized(i, {linear: packed parts})` receives what replaces
     block i's weights in the output. Without calibration data (magnitude), blocks are pruned from
     their weights alone and no output error is measured. `blocks`/`keep`: see the module's docstring.
@@ -188,8 +190,12 @@ def prune_sequential(
 
     from calora_cli.arch import sequential_groups
 
-    needs = needs_of(needs, "hessian" if quantize is not None else None)
-    inputs = keep(capture_inputs(model, calib)) if calib is not None else None
+    solves = quantize is not None and bool(needs_of(quantize_needs))
+    needs = needs_of(needs, quantize_needs if solves else None)
+    # GPTQ runs the calibration windows one at a time, as optimum does for gptqmodel's solver: the
+    # Hessians then sum in the reference's order (GPTQ is sensitive to last-bit differences)
+    micro = 1 if solves else 8
+    inputs = keep(capture_inputs(model, calib, batch_size=micro)) if calib is not None else None
     for i, block in enumerate(decoder_layers(model) if blocks is None else blocks):
         report = BlockReport(i, rates[i] if rates else None)
         linears = block_linears(block)
@@ -197,14 +203,14 @@ def prune_sequential(
         if inputs is None:
             stats, dense_out = {}, None
             stages = [list(linears)]
-        elif quantize is None:
+        elif not solves:
             stats, dense_out = collect_stats(block, inputs, needs, keep)
             stages = [list(linears)]
         else:
             stages = sequential_groups(linears)
             dense_out = None
         for k, names in enumerate(stages):
-            if quantize is not None:
+            if solves:
                 stats, out = collect_stats(block, inputs, needs, keep, only=names)
                 if k == 0:
                     dense_out = out  # nothing of the block is compressed yet
@@ -218,7 +224,7 @@ def prune_sequential(
                         new = prune_fn(new, stats.get(name), rates[i], nm)
                     if quantize is not None:
                         mask = (new != 0) if prune_fn is not None else None
-                        q = quantize(name, new, stats[name], mask)
+                        q = quantize(name, new, stats.get(name), mask)
                         new, packed[name] = q.weight, q.parts
                     lin.weight.data.copy_(new)
                     z, n = zeros([lin.weight.data])

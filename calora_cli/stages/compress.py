@@ -16,9 +16,8 @@ from calora_cli.artifacts import (
     safetensors_files,
     write_manifest,
 )
-from calora_cli.compress import METHODS, PRUNERS, pruner
+from calora_cli.compress import METHODS, PRUNERS, QUANTIZERS, pruner
 from calora_cli.compress.masks import parse_pattern
-from calora_cli.compress.sequential import block_errors_against
 from calora_cli.data import calibration_batch, read_text
 from calora_cli.errors import CaloraError
 from calora_cli.models import load_tokenizer
@@ -111,25 +110,9 @@ def compress_model(model_dir: Path, out: Path, spec: CompressSpec, opts: RunOpti
     metrics: dict = {}
 
     with atomic_output(out, opts.force) as tmp:
-        if spec.method in ("rtn-int8", "nf4"):
-            _bnb(src, tmp, tokenizer, calib, spec, opts, metrics)
-        else:
-            metrics.update(_stream(src, tmp, calib, spec, nm, opts))
+        metrics.update(_stream(src, tmp, calib, spec, nm, opts))
         _finish(tmp, src, spec, metrics)
     return _summary(out, spec, t0, metrics)
-
-
-def _bnb(src, tmp: Path, tokenizer, calib, spec: CompressSpec, opts: RunOptions, metrics: dict) -> None:
-    """bitsandbytes NF4 / int8: through the library, which quantizes on load, so the model is whole."""
-    from calora_cli.compress import bnb
-
-    model = bnb.quantize(src.path, spec.method, opts.device, opts.dtype)
-    # saved before any forward pass: bitsandbytes repacks 4-bit weights for its CPU kernel on the
-    # first forward (bf16 absmax in another layout), and saving that repacked state wrote a model
-    # 30x further from the original (KL) than the one quantized
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    metrics.update(block_errors_against(model, src.weights, calib))
 
 
 def _finish(tmp: Path, src, spec: CompressSpec, metrics: dict) -> None:
@@ -147,15 +130,15 @@ def _summary(out: Path, spec: CompressSpec, t0: float, metrics: dict) -> dict:
 
 
 def _stream(src, into: Path, calib, spec: CompressSpec, nm, opts: RunOptions) -> dict:
-    """Prune and/or GPTQ-quantize `src` into the directory `into`, one decoder layer at a time
-    (streaming.py): the model is never resident, and its checkpoint's dtype is kept on disk."""
+    """Prune and/or quantize (GPTQ, bitsandbytes) `src` into the directory `into`, one decoder layer
+    at a time (streaming.py): the model is never resident, and its checkpoint's dtype is kept on disk."""
     from calora_cli.compress import sparsity_allocation as allocation
     from calora_cli.compress.sequential import input_grams, prune_sequential
     from calora_cli.runtime import resolve_device, torch_dtype
     from calora_cli.streaming import LayerSource, LayerWriter, Spill
 
     prunes = spec.method in PRUNERS
-    quantizes = spec.method == "gptq" or spec.then == "gptq"
+    quantizes = spec.method in QUANTIZERS or spec.then == "gptq"
     source = LayerSource(src.path, src.weights, torch_dtype(opts.dtype), resolve_device(opts.device))
     spill = Spill(int(spec.activation_gb * 1e9), into / ".spill")
     writer = None
@@ -174,17 +157,18 @@ def _stream(src, into: Path, calib, spec: CompressSpec, nm, opts: RunOptions) ->
             rates = allocation.uniform(spec.sparsity, n_blocks)
         method = pruner(spec.method) if prunes else None
         quantize = plan = on_quantized = None
+        quantize_needs = None
         if quantizes:
-            quantize, plan = _gptq(spec, source.config.model_type)
+            quantize, plan, quantize_needs = _quantizer(spec, source.config.model_type, source.compute_dtype)
         writer = LayerWriter(into, source, plan=plan)
         if quantizes:
             on_quantized = _packed_into(writer)
-        label = "+".join(m for m in (spec.method if prunes else None, "gptq" if quantizes else None) if m)
+        label = spec.method + (f"+{spec.then}" if spec.then else "")
         with progress(label, n_blocks, opts.show_progress) as advance:
             reports = list(prune_sequential(source.model, calib, rates, method.prune if prunes else None,
                                             method.NEEDS if prunes else None, nm, on_block=advance,
                                             blocks=source.blocks(writer), keep=spill, quantize=quantize,
-                                            on_quantized=on_quantized))
+                                            on_quantized=on_quantized, quantize_needs=quantize_needs))
         writer.finish()
     finally:
         spill.remove()
@@ -200,33 +184,50 @@ def _stream(src, into: Path, calib, spec: CompressSpec, nm, opts: RunOptions) ->
         out["block_rel_error"] = [r.rel_error for r in reports]
         out["mean_block_rel_error"] = sum(out["block_rel_error"]) / len(reports)
     if quantizes:
-        from calora_cli.compress.gptq import quantization_config
-
         config_path = into / "config.json"
         config = json.loads(config_path.read_text())
-        config["quantization_config"] = quantization_config(spec.bits, spec.group_size)
+        config["quantization_config"] = _quantization_config(spec, source.compute_dtype)
         config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return out
 
 
-def _gptq(spec: CompressSpec, model_type: str):
-    """GPTQ's solver for one linear, and the output plan that stores each block linear's weight as
-    its packed tensors."""
-    from calora_cli.arch import FAMILIES, LAYERS_PREFIX
+def _quantization_config(spec: CompressSpec, compute_dtype) -> dict:
+    if spec.method in ("nf4", "rtn-int8"):
+        from calora_cli.compress import bnb
+
+        return bnb.quantization_config(spec.method, compute_dtype)
     from calora_cli.compress import gptq
 
-    linears = set(FAMILIES[model_type])
+    return gptq.quantization_config(spec.bits, spec.group_size)
 
-    def quantize(name, weight, stats, keep):
-        return gptq.quantize(weight, stats.hessian, spec.bits, spec.group_size, keep=keep)
+
+def _quantizer(spec: CompressSpec, model_type: str, compute_dtype):
+    """The quantizer of one linear, the output plan that stores each block linear's weight as its
+    quantized tensors, and what the quantizer needs of the inputs."""
+    from calora_cli.arch import FAMILIES, LAYERS_PREFIX
+    from calora_cli.compress import bnb, gptq
+
+    linears = set(FAMILIES[model_type])
+    if spec.method in ("nf4", "rtn-int8"):
+        def quantize(name, weight, stats, keep):
+            return bnb.quantize(spec.method, weight)
+
+        def replaced(name, shape):
+            return bnb.entries(spec.method, name, shape, str(compute_dtype).removeprefix("torch."))
+    else:
+        def quantize(name, weight, stats, keep):
+            return gptq.quantize(weight, stats.hessian, spec.bits, spec.group_size, keep=keep)
+
+        def replaced(name, shape):
+            return gptq.packed_entries(name, shape, spec.bits, spec.group_size)
 
     def plan(name, dtype, shape):
         parts = name.rsplit(".", 2)
         if name.startswith(LAYERS_PREFIX) and len(shape) == 2 and parts[-1] == "weight" and parts[-2] in linears:
-            return gptq.packed_entries(name, shape, spec.bits, spec.group_size)
+            return replaced(name, shape)
         return [(name, dtype, shape)]
 
-    return quantize, plan
+    return quantize, plan, (bnb.NEEDS if spec.method in ("nf4", "rtn-int8") else gptq.NEEDS)
 
 
 def _packed_into(writer):

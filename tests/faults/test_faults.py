@@ -37,7 +37,18 @@ def stages(base: Path, lora: Path, pruned: Path) -> dict[str, list]:
         "recover": ["recover", lora, "--base", pruned, "--teacher", base, "--teacher-adapter", lora, "--data", TEXT, *SMALL,
                     "--steps", "10"],
         "compress-nola": ["compress", lora, "--method", "nola", "--bases", "16", "--data", TEXT, *SMALL, "--steps", "10"],
+        # one decoder layer at a time with the adapter patched in, every activation spilled: a kill must
+        # leave no result file, and the spill folder is gone once the next run has started
+        "eval-stream": ["eval", base, "--adapter", lora, "--ppl", TEXT, "--seq-len", "32", "--stream",
+                        "--activation-memory", "1e-9"],
+        # GPTQ in the streaming engine, its packed tensors planned up front and written per layer
+        "compress-gptq": ["compress", base, "--method", "gptq", "--group-size", "32", "--calib", TEXT,
+                          "--calib-samples", "8", "--seq-len", "32", "--activation-memory", "1e-9"],
     }
+
+
+def _output(stage: str, out: Path) -> Path:
+    return out.with_suffix(".json") if stage.startswith("eval") else out
 
 
 def calora(*args, **kw) -> subprocess.CompletedProcess:
@@ -46,9 +57,15 @@ def calora(*args, **kw) -> subprocess.CompletedProcess:
 
 
 def verified(out: Path) -> bool:
-    """What `calora info --verify` checks: every file hashes to its manifest entry."""
+    """What `calora info --verify` checks: every file hashes to its manifest entry (an evaluation's
+    result file: it parses and holds its score)."""
     from calora_cli.artifacts import open_artifact, verify
 
+    if out.suffix == ".json":
+        import json
+
+        assert json.loads(out.read_text())["perplexity"] > 1
+        return True
     result = verify(open_artifact(out))
     assert result["ok"], result["problems"]
     return True
@@ -72,9 +89,12 @@ def pruned(tiny_base, tmp_path_factory):
 def test_kill_9_never_leaves_a_partial_output(tiny_base, tiny_lora, pruned, tmp_path, stage):
     argv = stages(tiny_base, tiny_lora, pruned)[stage]
     rng = random.Random(f"faults/{stage}")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GPTQMODEL_DISABLE_PACK_EXT": "1", "OMP_NUM_THREADS": "1"}
+    scratch = tmp_path / "tmp"  # the system temp dir of these runs: where eval's spill folders go
+    scratch.mkdir()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GPTQMODEL_DISABLE_PACK_EXT": "1", "OMP_NUM_THREADS": "1",
+           "TMPDIR": str(scratch)}
     # one run to the end: the stage's duration here, and a complete output to verify
-    full = tmp_path / "full"
+    full = _output(stage, tmp_path / "full")
     start = time.perf_counter()
     done = subprocess.run([sys.executable, "-m", "calora_cli", *map(str, argv), "-o", str(full)], capture_output=True,
                           text=True, env=env)
@@ -82,7 +102,7 @@ def test_kill_9_never_leaves_a_partial_output(tiny_base, tiny_lora, pruned, tmp_
     assert done.returncode == 0, done.stderr[-2000:]
     assert verified(full)
     COUNTS["complete_outputs_verified"] += 1
-    outs = [tmp_path / f"out{trial}" for trial in range(TRIALS_PER_STAGE)]
+    outs = [_output(stage, tmp_path / f"out{trial}") for trial in range(TRIALS_PER_STAGE)]
     # the trials of a stage run side by side (they are independent, and slower together than the
     # timed run alone), each killed at its own moment within the first 90% of that duration: kills
     # land in imports, reading, computing and writing, and every one while the process still runs
@@ -108,6 +128,7 @@ def test_kill_9_never_leaves_a_partial_output(tiny_base, tiny_lora, pruned, tmp_
         assert proc.returncode == 0, err
         assert verified(out)
         assert leftovers(out) == [], leftovers(out)  # the rerun cleared the killed run's temp dir
+    assert sorted(p.name for p in scratch.iterdir() if "calora" in p.name) == []  # no spill folder left
 
 
 def test_full_disk_gives_one_line_and_no_output(tiny_base, tiny_lora, tmp_path):
