@@ -157,9 +157,37 @@ def test_streamed_eval_takes_every_adapter_kind(cli, tiny_base, tiny_lora, tmp_p
         assert b["tasks"] == a["tasks"], adapter
 
 
-def test_streamed_eval_refuses_a_quantized_base(cli, tiny_base, tmp_path):
+def test_streamed_eval_refuses_a_bitsandbytes_base(cli, tiny_base, tmp_path):
     from helpers import one_line_error
 
     r = cli("compress", tiny_base, "-o", tmp_path / "nf4", "--method", "nf4", "-q")
     assert r.exit_code == 0, r.stderr
-    assert "a quantized base loads whole" in one_line_error(cli("eval", tmp_path / "nf4", "--ppl", TEXT, "--stream"))
+    line = one_line_error(cli("eval", tmp_path / "nf4", "--ppl", TEXT, "--stream"))
+    assert "is quantized (bitsandbytes)" in line and "GPTQ checkpoints are read layer by layer" in line
+
+
+def test_gptq_of_a_bf16_sharded_checkpoint(cli, tiny_base, tmp_path):
+    """GPTQ streamed over a sharded bf16 checkpoint: the output is sharded like it, its index names
+    every tensor written (packed names included), non-quantized tensors stay bf16 and byte-equal,
+    and transformers reloads it."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src = tmp_path / "bf16"
+    AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.bfloat16).save_pretrained(src, max_shard_size="100KB")
+    AutoTokenizer.from_pretrained(tiny_base).save_pretrained(src)
+    r = cli("compress", src, "-o", tmp_path / "out", "--method", "gptq", "--group-size", "32", *CAL, "--json")
+    assert r.exit_code == 0, r.stderr
+    before, after = _tensors(src), _tensors(tmp_path / "out")
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.safetensors")) == sorted(p.name for p in src.glob("*.safetensors"))
+    index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(after)
+    for f in (tmp_path / "out").glob("*.safetensors"):
+        assert {n for n, where in index["weight_map"].items() if where == f.name} == set(load_file(f))
+    packed = {k for k in after if k.endswith(".qweight")}
+    assert len(packed) == 7 * 2 and not any(k.endswith("_proj.weight") for k in after)
+    for k, t in after.items():
+        if not k.rsplit(".", 1)[1] in ("qweight", "qzeros", "scales", "g_idx"):
+            assert t.dtype == torch.bfloat16 and torch.equal(t, before[k]), k
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out", device_map="cpu")
+    with torch.no_grad():
+        assert reloaded(torch.arange(5)[None]).logits.isfinite().all()
