@@ -41,9 +41,6 @@ def stages(base: Path, lora: Path, pruned: Path) -> dict[str, list]:
         # leave no result file, and the spill folder is gone once the next run has started
         "eval-stream": ["eval", base, "--adapter", lora, "--ppl", TEXT, "--seq-len", "32", "--stream",
                         "--activation-memory", "1e-9"],
-        # GPTQ in the streaming engine, its packed tensors planned up front and written per layer
-        "compress-gptq": ["compress", base, "--method", "gptq", "--group-size", "32", "--calib", TEXT,
-                          "--calib-samples", "8", "--seq-len", "32", "--activation-memory", "1e-9"],
     }
 
 
