@@ -25,3 +25,11 @@ def run_child(script: str, *args: str) -> dict:
     if r.returncode:
         sys.exit(f"{args[0]} failed:\n{r.stderr[-2000:]}")
     return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def print_table(headers: list[str], rows: list[list[str]]) -> None:
+    """A markdown table on stdout: the benchmarks' results, ready for docs/results."""
+    print("| " + " | ".join(headers) + " |")
+    print("|" + "---|" * len(headers))
+    for row in rows:
+        print("| " + " | ".join(row) + " |")

@@ -21,6 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from measure import print_table
+
 REPO = Path(__file__).resolve().parents[1]
 TEXT = REPO.parent / "shared" / "data" / "shakespeare" / "plays" / "histories--richard-ii.txt"
 
@@ -157,10 +159,8 @@ def main() -> int:
             print(f"done: {name}", file=sys.stderr)
     print(f"\nsynthetic Llama, {gb:.2f} GB bf16 ({layers} layers, hidden {args.hidden}), cap {args.cap_gb} GB resident, "
           f"{os.cpu_count()} CPU cores\n")
-    print("| run | seconds | seconds per GB | peak resident GB | result |")
-    print("|---|---|---|---|---|")
-    for name, secs, peak, what in rows:
-        print(f"| {name} | {secs:.0f} | {secs / gb:.1f} | {peak:.2f} | {what} |")
+    print_table(["run", "seconds", "seconds per GB", "peak resident GB", "result"],
+                [[name, f"{secs:.0f}", f"{secs / gb:.1f}", f"{peak:.2f}", what] for name, secs, peak, what in rows])
     return 0
 
 

@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from measure import run_child
+from measure import print_table, run_child
 
 REPO = Path(__file__).resolve().parents[1]
 SHK = REPO.parent / "shared" / "data" / "shakespeare"
@@ -82,10 +82,8 @@ def main() -> int:
             rows.append((method, secs["memory"], secs["stream"], same_tensors(Path(tmp) / f"{method}-stream",
                                                                              Path(tmp) / f"{method}-memory")))
     print(f"\nmodel {args.model.name} · calibration {args.calib_samples}x{args.seq_len} tokens · 50% unstructured\n")
-    print("| method | in memory (s) | streamed (s) | streamed / in memory | same tensors |")
-    print("|---|---|---|---|---|")
-    for method, mem, st, same in rows:
-        print(f"| {method} | {mem:.1f} | {st:.1f} | {st / mem:.2f}x | {'yes' if same else 'NO'} |")
+    print_table(["method", "in memory (s)", "streamed (s)", "streamed / in memory", "same tensors"],
+                [[m, f"{mem:.1f}", f"{st:.1f}", f"{st / mem:.2f}x", "yes" if same else "NO"] for m, mem, st, same in rows])
     return 0
 
 
