@@ -491,6 +491,10 @@ def sparsify_adapter(
     distill: Annotated[str, typer.Option("--distill", help="hidden (final hidden-state MSE), logits (KL) or both.")] = "hidden",
     distill_weight: Annotated[float, typer.Option("--distill-weight", help="Weight of the distillation term.")] = 1.0,
     temperature: Annotated[float, typer.Option("--temperature", help="Logit distillation temperature.")] = 1.0,
+    cache_teacher: Annotated[
+        bool, typer.Option("--cache-teacher", help="With --distill-from: the teacher's outputs for all examples from one "
+                           "pass reading it layer by layer (never resident; refused if they would not fit in memory).")
+    ] = False,
     allow_base_mismatch: AllowMismatch = False,
     seed: Seed = 0,
     device: Device = "cpu",
@@ -508,7 +512,7 @@ def sparsify_adapter(
 
     cfg = TrainConfig(steps=steps, lr=lr, batch_size=batch_size, seq_len=seq_len, seed=seed) if data else None
     losa = LosaSpec(rank_allocation, max_rank, distill_from,
-                    DistillSpec(distill=distill, distill_weight=distill_weight, temperature=temperature))
+                    DistillSpec(distill=distill, distill_weight=distill_weight, temperature=temperature), cache_teacher)
     _emit(run(adapter, base, output, _opts(device, dtype, seed, force, quiet, allow_base_mismatch), data=data, cfg=cfg,
               losa=losa), json_)
 

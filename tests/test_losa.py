@@ -113,6 +113,14 @@ def test_distillation_from_the_dense_model_changes_the_training(cli, deep_base, 
     a = load_file(tmp_path / "plain" / "adapter_model.safetensors")
     b = load_file(tmp_path / "dist" / "adapter_model.safetensors")
     assert any(not torch.equal(a[k], b[k]) for k in a)
+    # the teacher's outputs from one streamed pass (it is never loaded whole): the same training, to
+    # float rounding (the streamed teacher folds its LoRA into the weights)
+    cached = _ok(cli("sparsify-adapter", deep_lora, "--base", pruned_deep, "-o", tmp_path / "cached", *train,
+                     "--distill-from", deep_base, "--distill", "logits", "--distill-weight", "5", "--cache-teacher"))
+    assert cached["first_loss"] == pytest.approx(dist["first_loss"], rel=1e-5)
+    c = load_file(tmp_path / "cached" / "adapter_model.safetensors")
+    for k in b:
+        torch.testing.assert_close(c[k], b[k], rtol=1e-3, atol=5e-5)
 
 
 @pytest.mark.parametrize("case", ["no-data", "bad-mode", "wrong-teacher", "bad-weight"])

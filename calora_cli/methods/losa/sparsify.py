@@ -44,6 +44,7 @@ class LosaSpec:
     max_rank: int | None = None  # default: twice the adapter's rank
     distill_from: Path | None = None  # the dense model the adapter was trained on: teacher = it + the adapter
     distill: DistillSpec = field(default_factory=DistillSpec)
+    cache_teacher: bool = False  # the teacher's outputs from one streamed pass: it is never resident
 
     def check(self) -> None:
         from calora_cli.methods.losa.ranks import MODES
@@ -98,7 +99,7 @@ def sparsify_adapter(adapter: Path, base: Path, out: Path, opts: RunOptions, dat
             params.update(rank_allocation=losa.rank_allocation, distill_from=teacher is not None)
             if teacher is not None:
                 params.update(distill=losa.distill.distill, distill_weight=losa.distill.distill_weight,
-                              temperature=losa.distill.temperature)
+                              temperature=losa.distill.temperature, cache_teacher=losa.cache_teacher)
         losa_format.save(tmp, masks)
         inputs = {"adapter": ad_art.input_record(), "base": base_art.input_record()}
         if data is not None:
@@ -165,14 +166,15 @@ def _train_masked(base_art, ad_art, data: Path, cfg: TrainConfig, losa: LosaSpec
     """LoSA fine-tuning: the LoRA trains with its delta masked in every forward pass, optionally at
     error-allocated ranks and with distillation from the dense model + the original adapter."""
     from calora_cli.data import batches, load_examples
-    from calora_cli.distill import load_teacher, make_loss
+    from calora_cli.distill import cache_teacher, load_teacher, make_loss
     from calora_cli.methods.losa.masks import apply_masks
     from calora_cli.models import load_adapter, load_model, load_tokenizer
     from calora_cli.train import causal_lm_loss, train_loop
 
     examples = load_examples(data, load_tokenizer(base_art.path), cfg.seq_len)
-    check_training_memory("sparsify-adapter", [base_art] + ([teacher] if teacher is not None else []), opts.dtype,
-                          cfg.batch_size, cfg.seq_len)
+    cached = teacher is not None and losa.cache_teacher and losa.distill.distill_weight > 0
+    resident = [base_art] + ([teacher] if teacher is not None and not cached else [])
+    check_training_memory("sparsify-adapter", resident, opts.dtype, cfg.batch_size, cfg.seq_len)
     seed_everything(cfg.seed)
     model = load_model(base_art.path, opts.device, opts.dtype, shardable=True)
     metrics: dict = {}
@@ -187,12 +189,13 @@ def _train_masked(base_art, ad_art, data: Path, cfg: TrainConfig, losa: LosaSpec
     model = load_adapter(model, source, trainable=True)
     apply_masks(model)
     loss_fn = causal_lm_loss
-    if teacher is not None:
-        teacher_model = load_teacher(teacher, ad_art, opts)
-        loss_fn = make_loss(teacher_model, losa.distill)
+    if cached:
+        loss_fn = make_loss(None, losa.distill, cache_teacher(teacher, ad_art, examples, losa.distill, cfg.batch_size, opts))
+    elif teacher is not None:
+        loss_fn = make_loss(load_teacher(teacher, ad_art, opts), losa.distill)
     with progress("losa", cfg.steps, opts.show_progress) as advance:
-        metrics.update(train_loop(model, model.parameters(), batches(examples, cfg.batch_size, cfg.seed), cfg,
-                                  loss_fn=loss_fn, on_step=advance))
+        metrics.update(train_loop(model, model.parameters(), batches(examples, cfg.batch_size, cfg.seed, with_index=cached),
+                                  cfg, loss_fn=loss_fn, on_step=advance))
     lora.save_trained(model, tmp, distributed.adapter_state(model))
     shutil.rmtree(tmp / ".resized", ignore_errors=True)
     return metrics
