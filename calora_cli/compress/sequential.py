@@ -112,7 +112,12 @@ class InputStats:
 
     @property
     def hessian(self) -> "torch.Tensor":
-        return 2 * self.xtx / self.tokens
+        """2 XᵀX / n, formed in place the first time (XᵀX itself is not needed again, and for a wide
+        layer it is hundreds of MB): callers must not modify it."""
+        if not getattr(self, "_scaled", False):
+            self.xtx.mul_(2).div_(self.tokens)  # the same rounding as 2 * xtx / tokens
+            self._scaled = True
+        return self.xtx
 
 
 def needs_of(*needs) -> frozenset[str]:
