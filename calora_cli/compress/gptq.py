@@ -104,6 +104,7 @@ def quantize(weight: "torch.Tensor", hessian: "torch.Tensor", bits: int, group_s
     # is copied once, by the permutation
     dev = weight.device
     H = hessian.detach().float()
+    del hessian  # the caller hands its reference over (InputStats.take_hessian): the permuted copy replaces it
     diag = torch.diag(H)
     dead = diag == 0
     perm = group_aware_order(torch.where(dead, 1.0, diag), group_size) if reorder else torch.arange(cols, device=dev)
@@ -125,7 +126,7 @@ def quantize(weight: "torch.Tensor", hessian: "torch.Tensor", bits: int, group_s
 
     groups = cols // group_size
     scales = torch.empty(rows, groups, device=dev)  # by solve-order group
-    codes = torch.empty(rows, cols, dtype=torch.int32, device=dev)
+    codes = torch.empty(rows, cols, dtype=torch.uint8, device=dev)  # 2-8 bit codes
     Q = torch.empty_like(W)
     scale = None
     for i1 in range(0, cols, blocksize):
@@ -152,12 +153,13 @@ def quantize(weight: "torch.Tensor", hessian: "torch.Tensor", bits: int, group_s
             if keep is not None:
                 code = torch.where(keep[:, c], code, float(mid))
             q = scale * (code - mid)
-            codes[:, c] = code.to(torch.int32)
+            codes[:, c] = code.to(torch.uint8)
             Q[:, c] = q
             err = (w - q) / Hinv1[i, i]
             W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
             Err[:, i] = err
         W[:, i2:] -= Err @ Hinv[i1:i2, i2:]
+    del W, Hinv, W1, Err  # before packing, the other peak
 
     inverse = torch.argsort(perm)
     group_of = perm.view(groups, group_size)[:, 0] // group_size  # solve-order group -> stored group
@@ -165,8 +167,12 @@ def quantize(weight: "torch.Tensor", hessian: "torch.Tensor", bits: int, group_s
     stored[:, group_of] = scales
     codes, stored = codes[:, inverse].cpu(), stored.cpu()  # packing runs on the CPU, where it is written
     g_idx = (torch.arange(cols) // group_size).to(torch.int32)
+    # packed 1024 input rows at a time: pack() works in int64, 8x the codes' size for the whole matrix
+    qweight = torch.cat([pack(codes[:, r : r + 1024].T.to(torch.int32), bits, rows_packed=True)
+                         for r in range(0, cols, 1024)])
+    del codes
     parts = {
-        "qweight": pack(codes.T.contiguous(), bits, rows_packed=True),
+        "qweight": qweight,
         "qzeros": pack(torch.full((groups, rows), mid, dtype=torch.int32), bits, rows_packed=False),
         "scales": stored.T.contiguous().half(),
         "g_idx": g_idx,

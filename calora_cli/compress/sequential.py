@@ -106,6 +106,13 @@ class InputStats:
             h = x.T @ x
             self.xtx = h if self.xtx is None else self.xtx + h
 
+    def take_hessian(self) -> "torch.Tensor":
+        """The Hessian, handed over: these statistics no longer hold it, so the consumer can free it
+        as soon as it has made its own (permuted) copy."""
+        h = self.hessian
+        self.xtx = None
+        return h
+
     @property
     def sq_mean(self) -> "torch.Tensor":
         return self.sq_sum / self.tokens

@@ -216,7 +216,7 @@ def _quantizer(spec: CompressSpec, model_type: str, compute_dtype):
             return bnb.entries(spec.method, name, shape, str(compute_dtype).removeprefix("torch."))
     else:
         def quantize(name, weight, stats, keep):
-            return gptq.quantize(weight, stats.hessian, spec.bits, spec.group_size, keep=keep)
+            return gptq.quantize(weight, stats.take_hessian(), spec.bits, spec.group_size, keep=keep)
 
         def replaced(name, shape):
             return gptq.packed_entries(name, shape, spec.bits, spec.group_size)
