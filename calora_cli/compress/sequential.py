@@ -92,6 +92,7 @@ class InputStats:
     tokens: int = 0
     sq_sum: "torch.Tensor | None" = None
     xtx: "torch.Tensor | None" = None
+    scaled: bool = False  # xtx already turned into the Hessian, in place
 
     def __post_init__(self) -> None:
         self.needs = needs_of(self.needs)
@@ -121,9 +122,9 @@ class InputStats:
     def hessian(self) -> "torch.Tensor":
         """2 XᵀX / n, formed in place the first time (XᵀX itself is not needed again, and for a wide
         layer it is hundreds of MB): callers must not modify it."""
-        if not getattr(self, "_scaled", False):
+        if not self.scaled:
             self.xtx.mul_(2).div_(self.tokens)  # the same rounding as 2 * xtx / tokens
-            self._scaled = True
+            self.scaled = True
         return self.xtx
 
 

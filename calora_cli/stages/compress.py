@@ -156,10 +156,10 @@ def _stream(src, into: Path, calib, spec: CompressSpec, nm, opts: RunOptions) ->
         elif prunes:
             rates = allocation.uniform(spec.sparsity, n_blocks)
         method = pruner(spec.method) if prunes else None
-        quantize = plan = on_quantized = None
-        quantize_needs = None
+        quantize = plan = on_quantized = quantize_needs = quantization_config = None
         if quantizes:
-            quantize, plan, quantize_needs = _quantizer(spec, source.config.model_type, source.compute_dtype)
+            quantize, plan, quantize_needs, quantization_config = _quantizer(spec, source.config.model_type,
+                                                                             source.compute_dtype)
         writer = LayerWriter(into, source, plan=plan)
         if quantizes:
             on_quantized = _packed_into(writer)
@@ -186,24 +186,14 @@ def _stream(src, into: Path, calib, spec: CompressSpec, nm, opts: RunOptions) ->
     if quantizes:
         config_path = into / "config.json"
         config = json.loads(config_path.read_text())
-        config["quantization_config"] = _quantization_config(spec, source.compute_dtype)
+        config["quantization_config"] = quantization_config
         config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return out
 
 
-def _quantization_config(spec: CompressSpec, compute_dtype) -> dict:
-    if spec.method in ("nf4", "rtn-int8"):
-        from calora_cli.compress import bnb
-
-        return bnb.quantization_config(spec.method, compute_dtype)
-    from calora_cli.compress import gptq
-
-    return gptq.quantization_config(spec.bits, spec.group_size)
-
-
 def _quantizer(spec: CompressSpec, model_type: str, compute_dtype):
     """The quantizer of one linear, the output plan that stores each block linear's weight as its
-    quantized tensors, and what the quantizer needs of the inputs."""
+    quantized tensors, what the quantizer needs of the inputs, and config.json's quantization_config."""
     from calora_cli.arch import FAMILIES, LAYERS_PREFIX
     from calora_cli.compress import bnb, gptq
 
@@ -214,6 +204,8 @@ def _quantizer(spec: CompressSpec, model_type: str, compute_dtype):
 
         def replaced(name, shape):
             return bnb.entries(spec.method, name, shape, str(compute_dtype).removeprefix("torch."))
+
+        needs, config = bnb.NEEDS, bnb.quantization_config(spec.method, compute_dtype)
     else:
         def quantize(name, weight, stats, keep):
             return gptq.quantize(weight, stats.take_hessian(), spec.bits, spec.group_size, keep=keep)
@@ -221,13 +213,15 @@ def _quantizer(spec: CompressSpec, model_type: str, compute_dtype):
         def replaced(name, shape):
             return gptq.packed_entries(name, shape, spec.bits, spec.group_size)
 
+        needs, config = gptq.NEEDS, gptq.quantization_config(spec.bits, spec.group_size)
+
     def plan(name, dtype, shape):
         parts = name.rsplit(".", 2)
         if name.startswith(LAYERS_PREFIX) and len(shape) == 2 and parts[-1] == "weight" and parts[-2] in linears:
             return replaced(name, shape)
         return [(name, dtype, shape)]
 
-    return quantize, plan, (bnb.NEEDS if spec.method in ("nf4", "rtn-int8") else gptq.NEEDS)
+    return quantize, plan, needs, config
 
 
 def _packed_into(writer):
