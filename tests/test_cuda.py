@@ -13,7 +13,7 @@ import sys
 
 import pytest
 import torch
-from helpers import SHK, assert_same_safetensors, launch
+from helpers import SHK, assert_same_safetensors, launch, save_tiny_base
 from safetensors.torch import load_file
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -115,6 +115,45 @@ def test_nf4_on_cuda_matches_cpu_and_trains(run, trained_base, small_text, tmp_p
     out = run("train", tmp_path / "cuda", *TRAIN, "--steps", "20", "--rank", "4", "-o", tmp_path / "qlora",
               "--device", "cuda")
     assert out["final_loss"] < out["first_loss"]
+
+
+@pytest.mark.parametrize("method", ["wanda", "gptq"])
+def test_the_streamed_engine_on_cuda_holds_one_layer_whatever_the_depth(method, calib_text, small_text, tmp_path):
+    """`--device cuda` moves one decoder layer at a time: peak GPU memory does not grow with depth."""
+    from calora_cli.run import RunOptions
+    from calora_cli.stages.compress import CompressSpec, compress_model
+    from calora_cli.stages.evaluate import evaluate
+
+    extra = {"bits": 4, "group_size": 32} if method == "gptq" else {"sparsity": 0.5}
+    peaks, weights = {}, {}
+    for layers in (2, 8):
+        base = tmp_path / f"base{layers}"
+        save_tiny_base(base, layers=layers, hidden=256, intermediate=704, heads=4)
+        weights[layers] = sum(f.stat().st_size for f in base.glob("*.safetensors"))
+        spec = CompressSpec(method, calib=calib_text, calib_samples=8, seq_len=64, **extra)
+        for device in ("cpu", "cuda"):
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            compress_model(base, tmp_path / f"{method}{layers}-{device}", spec, RunOptions(show_progress=False, device=device))
+            if device == "cuda":
+                peaks[layers] = torch.cuda.max_memory_allocated()
+        cpu, gpu = (tmp_path / f"{method}{layers}-{d}" for d in ("cpu", "cuda"))
+        opts = {d: RunOptions(show_progress=False, device=d) for d in ("cpu", "cuda")}
+        p_cpu = evaluate(cpu, opts["cpu"], ppl_file=small_text, seq_len=64, stream=True)["perplexity"]
+        torch.cuda.reset_peak_memory_stats()
+        p_gpu = evaluate(gpu, opts["cuda"], ppl_file=small_text, seq_len=64, stream=True)["perplexity"]
+        eval_peak = torch.cuda.max_memory_allocated()
+        print(method, layers, "layers: compress peak", peaks[layers], "eval peak", eval_peak, "weights", weights[layers],
+              "ppl cpu-made", p_cpu, "cuda-made", p_gpu)
+        assert p_gpu == pytest.approx(p_cpu, rel=0.02)
+        assert eval_peak < weights[layers] / 2 or layers == 2
+        if method == "wanda":
+            zeros = [(t == 0).float().mean().item() for k, t in load_file(gpu / "model.safetensors").items()
+                     if "layers." in k and k.endswith("proj.weight")]
+            assert min(zeros) == max(zeros) == 0.5
+    # 4x the layers: the same peak (one layer, its activations, its Hessian), far below the weights
+    assert peaks[8] < 1.2 * peaks[2]
+    assert peaks[8] < weights[8] / 2
 
 
 def test_losa_on_cuda_merges_exactly_sparse(run, trained_base, trained_lora, tmp_path):
