@@ -145,11 +145,14 @@ def file_sha256(path: Path) -> str:
     return "sha256:" + h.hexdigest()
 
 
-def full_hashes(root: Path) -> dict[str, dict[str, Any]]:
-    """Size and sha256 of every file, streamed (never holds a file in memory)."""
+def full_hashes(root: Path, known: dict[str, str] | None = None) -> dict[str, dict[str, Any]]:
+    """Size and sha256 of every file, streamed (never holds a file in memory). `known`: hashes
+    computed while the files were written (relative path -> "sha256:..."), not read again."""
+    known = known or {}
     return {
-        p.relative_to(root).as_posix(): {"size": p.stat().st_size, "sha256": file_sha256(p)}
+        rel: {"size": p.stat().st_size, "sha256": known.get(rel) or file_sha256(p)}
         for p in _artifact_files(root)
+        for rel in [p.relative_to(root).as_posix()]
     }
 
 
@@ -344,8 +347,10 @@ def write_manifest(
     base_fingerprint: str | None = None,
     lineage: list[str] | None = None,
     extra_files: dict[str, str] | None = None,
+    known_hashes: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Write calora.json last, once every other file of the artifact is in place.
+    """Write calora.json last, once every other file of the artifact is in place (`known_hashes`:
+    see `full_hashes`).
 
     No timestamps or host names: equal inputs and seed must give byte-identical artifacts.
     """
@@ -359,7 +364,7 @@ def write_manifest(
         "inputs": inputs,
         "metrics": metrics,
         "fingerprint": fingerprint(root),
-        "files": full_hashes(root),
+        "files": full_hashes(root, known_hashes),
     }
     if base_fingerprint is not None:
         manifest["base_fingerprint"] = base_fingerprint

@@ -96,8 +96,14 @@ class _Folder:
 
         # count_nonzero: several times faster than summing a (W == 0) mask on big layers
         zeros = W.numel() - int(torch.count_nonzero(W))
-        # in place: W is this merge's own copy, and peak memory stays near two copies of one layer
-        new = W.float().add_(self.delta(module, W)).to(W.dtype)
+        zero = (W == 0) if self.keep and zeros else None  # taken before W changes (float32 W is updated in place)
+        # W is this merge's own copy: each adapter's product accumulates into it, no delta is materialized
+        new = W.float()
+        for w, f in self.plan[module]:
+            f.add_to(new, w)
+        if zero is not None:
+            new.masked_fill_(zero, 0)
+        new = new.to(W.dtype)
         self.count(zeros, new)
         return new
 
@@ -132,7 +138,8 @@ def _dense_dtype(config: dict):
     return getattr(torch, name) if isinstance(getattr(torch, name, None), torch.dtype) else torch.float32
 
 
-def _merge_shard(src: Path, dst: Path, folder: _Folder, gptq: Gptq | None, dense: bool, dense_dtype) -> None:
+def _merge_shard(src: Path, dst: Path, folder: _Folder, gptq: Gptq | None, dense: bool, dense_dtype) -> str:
+    """Merge one shard into dst; returns its sha256 (computed while writing)."""
     from calora_cli.compress.gptq_format import PARTS
 
     header = read_safetensors_header(src)
@@ -177,7 +184,7 @@ def _merge_shard(src: Path, dst: Path, folder: _Folder, gptq: Gptq | None, dense
                 return folder.dense(module, f.get_tensor(name))
             return f.raw(name)  # unchanged: copied in chunks, never held whole
 
-        write_tensors(dst, entries, produce, header.get("__metadata__"))
+        return write_tensors(dst, entries, produce, header.get("__metadata__"), hashed=True)
 
 
 def _reindex(folder: Path) -> None:
@@ -240,8 +247,10 @@ def merge(base: Path, adapters: list[Path], out: Path, opts: RunOptions, weights
             config.pop("quantization_config")
             (tmp / "quantize_config.json").unlink(missing_ok=True)
             (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        hashes = {}
         for shard in base_art.weights:
-            _merge_shard(shard, tmp / shard.relative_to(base_art.path), folder, gptq, dense, _dense_dtype(config))
+            rel = shard.relative_to(base_art.path)
+            hashes[rel.as_posix()] = _merge_shard(shard, tmp / rel, folder, gptq, dense, _dense_dtype(config))
         if gptq and dense:
             _reindex(tmp)
         stats = folder.stats
@@ -259,7 +268,8 @@ def merge(base: Path, adapters: list[Path], out: Path, opts: RunOptions, weights
         params = {"weights": weights, "keep_sparsity": keep, "adapters": len(arts)}
         if gptq:
             params["quantized"] = "dense" if dense else f"gptq{gptq.bits} re-quantized round-to-nearest, {grid} grid"
-        write_manifest(tmp, kind="model", stage="merge", params=params, inputs=inputs, metrics=metrics, lineage=base_art.lineage)
+        write_manifest(tmp, kind="model", stage="merge", params=params, inputs=inputs, metrics=metrics,
+                       lineage=base_art.lineage, known_hashes=hashes)
     # a GPTQ layer's zero codes are values, not pruning, unless the base was pruned before GPTQ
     pruned = gptq is None or bool((base_art.manifest or {}).get("params", {}).get("sparsity"))
     if metrics["zeros_filled"] and not keep and pruned:

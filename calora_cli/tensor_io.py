@@ -6,9 +6,12 @@ is computed: write the header, then each tensor's bytes in order.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import queue
 import struct
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator
 
@@ -131,12 +134,41 @@ class ShardReader:
             yield chunk
 
 
+class _BackgroundSha256:
+    """sha256 of a byte stream, computed on a second thread. hashlib releases the GIL on large
+    buffers, so the manifest's hash of a file overlaps the next tensor's reading and arithmetic
+    instead of re-reading the finished file (a fifth of merge's time when done afterwards). At most
+    one buffer waits, so memory stays bounded by a tensor or two."""
+
+    def __init__(self):
+        self._h, self._q = hashlib.sha256(), queue.Queue(maxsize=1)
+        self.nbytes, self.digest = 0, None
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (buf := self._q.get()) is not None:
+            self._h.update(buf)
+
+    def update(self, buf) -> None:
+        self.nbytes += memoryview(buf).nbytes
+        self._q.put(buf)
+
+    def finish(self) -> None:
+        if self._thread.is_alive():
+            self._q.put(None)
+            self._thread.join()
+            self.digest = "sha256:" + self._h.hexdigest()
+
+
 class TensorFileWriter:
     """A safetensors file whose layout is known up front, written one tensor at a time in that order:
     `entries` are (name, dtype code, shape) in file order; `write(name, tensor or raw byte chunks)`
-    must come in the same order. Only the tensor being written is held."""
+    must come in the same order. Only the tensor being written is held. `hashed`: the file's sha256
+    is computed while it is written (`sha256` once done), in the form the manifest records."""
 
-    def __init__(self, dst: Path, entries: list[tuple[str, str, list[int]]], metadata: dict | None = None):
+    def __init__(self, dst: Path, entries: list[tuple[str, str, list[int]]], metadata: dict | None = None,
+                 hashed: bool = False):
         header: dict = {"__metadata__": metadata} if metadata else {}
         offset = 0
         torch_dtypes = _torch_dtypes()
@@ -147,9 +179,21 @@ class TensorFileWriter:
         self.header, self.order, self.next = header, [e[0] for e in entries], 0
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)  # the format pads the header to 8 bytes with spaces
+        self.hasher = _BackgroundSha256() if hashed else None
         self.file = open(dst, "wb")
-        self.file.write(struct.pack("<Q", len(raw)))
-        self.file.write(raw)
+        self._out(struct.pack("<Q", len(raw)))
+        self._out(raw)
+
+    def _out(self, buf) -> int:
+        n = self.file.write(buf)
+        if self.hasher is not None:
+            self.hasher.update(buf)
+        return n
+
+    @property
+    def sha256(self) -> str | None:
+        """The file's hash ("sha256:..."), once every byte is written and the file closed."""
+        return self.hasher.digest if self.hasher is not None and self.done else None
 
     @property
     def done(self) -> bool:
@@ -168,32 +212,35 @@ class TensorFileWriter:
             if dtype_code(t.dtype) != info["dtype"] or list(t.shape) != info["shape"]:
                 raise AssertionError(f"{name}: planned {info['dtype']}{tuple(info['shape'])}, produced {t.dtype}{tuple(t.shape)}")
             if t.numel():
-                self.file.write(memoryview(t.contiguous().view(torch.uint8).numpy()))  # no copy
+                self._out(memoryview(t.contiguous().view(torch.uint8).numpy()))  # no copy
         else:
             lo, hi = info["data_offsets"]
-            written = sum(self.file.write(chunk) for chunk in t)
+            written = sum(self._out(chunk) for chunk in t)
             if written != hi - lo:
                 raise AssertionError(f"{name}: planned {hi - lo} bytes, copied {written}")
         self.next += 1
         if self.done:
-            self.file.close()
+            self.close()
 
     def close(self) -> None:
         self.file.close()
+        if self.hasher is not None:
+            self.hasher.finish()
 
 
 def write_tensors(dst: Path, entries: list[tuple[str, str, list[int]]],
-                  produce: Callable[[str], "torch.Tensor | Iterator[bytes]"], metadata: dict | None = None) -> None:
+                  produce: Callable[[str], "torch.Tensor | Iterator[bytes]"], metadata: dict | None = None,
+                  hashed: bool = False) -> str | None:
     """Write a safetensors file whose layout is known up front: `produce(name)` gives each tensor
-    of `entries` in order (or its raw bytes in chunks), so only one is held at a time."""
-    writer = TensorFileWriter(dst, entries, metadata)
+    of `entries` in order (or its raw bytes in chunks), so only one is held at a time. Returns the
+    file's sha256 when `hashed`."""
+    writer = TensorFileWriter(dst, entries, metadata, hashed)
     try:
         for name, _, _ in entries:
             writer.write(name, produce(name))
     finally:
         writer.close()
-    if not entries:
-        writer.close()
+    return writer.sha256
 
 
 def load_tensors(files: list[Path], wanted: Callable[[str], bool]) -> dict[str, "torch.Tensor"]:

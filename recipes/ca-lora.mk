@@ -23,6 +23,7 @@ ca_method_wanda70    := --method wanda --sparsity 0.7
 ca_method_w24-gptq4  := --method wanda --pattern 2:4 --then gptq --bits 4 --group-size $(CA_GROUP)
 
 CA_TRAIN = --steps $(CA_STEPS) --lr $(CA_LR) --batch-size $(CA_BS) --seq-len $(CA_SEQ) -q --force
+CA_TIME = $(PY) timed.py  # records an arm's wall time beside its output
 CA_EVALARGS = --ppl $(CA_EVAL) --seq-len $(CA_SEQ) -q --force $(HARNESS_ARGS)
 
 # the existing LoRA, trained once on the uncompressed model, and its upper-reference evaluation
@@ -46,12 +47,12 @@ endef
 # per compression and seed: a new LoRA, inheritance only, and CA-LoRA, all with the same steps
 define CA_RUN
 $(CA)/$(1)/s$(2)/new/calora.json: $(CA)/$(1)/model/calora.json
-	$(CALORA) train $(CA)/$(1)/model --data $(CA_DATA) -o $(CA)/$(1)/s$(2)/new $(CA_TRAIN) --seed $(2)
+	$(CA_TIME) $(CA)/$(1)/s$(2)/new.time $(CALORA) train $(CA)/$(1)/model --data $(CA_DATA) -o $(CA)/$(1)/s$(2)/new $(CA_TRAIN) --seed $(2)
 $(CA)/$(1)/s$(2)/inh/calora.json: $(CA)/$(1)/inherited/calora.json
-	$(CALORA) recover $(CA)/$(1)/inherited --base $(CA)/$(1)/model --teacher $(CA_MODEL) --teacher-adapter $(CA)/lora \
+	$(CA_TIME) $(CA)/$(1)/s$(2)/inh.time $(CALORA) recover $(CA)/$(1)/inherited --base $(CA)/$(1)/model --teacher $(CA_MODEL) --teacher-adapter $(CA)/lora \
 	    --data $(CA_DATA) -o $(CA)/$(1)/s$(2)/inh $(CA_TRAIN) --seed $(2) --recovery-dim 0 --distill-weight 0
 $(CA)/$(1)/s$(2)/calora/calora.json: $(CA)/$(1)/inherited/calora.json
-	$(CALORA) recover $(CA)/$(1)/inherited --base $(CA)/$(1)/model --teacher $(CA_MODEL) --teacher-adapter $(CA)/lora \
+	$(CA_TIME) $(CA)/$(1)/s$(2)/calora.time $(CALORA) recover $(CA)/$(1)/inherited --base $(CA)/$(1)/model --teacher $(CA_MODEL) --teacher-adapter $(CA)/lora \
 	    --data $(CA_DATA) -o $(CA)/$(1)/s$(2)/calora $(CA_TRAIN) --seed $(2) --distill-weight $(CA_BETA)
 $(CA)/$(1)/s$(2)/eval-%.json: $(CA)/$(1)/s$(2)/%/calora.json
 	$(CALORA) eval $(CA)/$(1)/model --adapter $(CA)/$(1)/s$(2)/$$* $(CA_EVALARGS) -o $$@
@@ -84,7 +85,6 @@ CA_COMP_SEEDS   ?= 0
 CA_MC_LIMIT     ?= 200
 CA_MCARGS = $(CA_EVALARGS) --tasks $(DATA)/tasks/socialiqa.jsonl --tasks $(DATA)/tasks/quartz.jsonl --limit $(CA_MC_LIMIT)
 CA_COMP_CALIB = --calib $(CA_CALIB) --calib-samples $(CA_CALIB_SAMPLES) --seq-len $(CA_SEQ)
-CA_TIME = $(PY) timed.py
 
 $(CA)/mc-original.json: $(CA)/lora/calora.json
 	$(CALORA) eval $(CA_MODEL) --adapter $(CA)/lora $(CA_MCARGS) -o $@

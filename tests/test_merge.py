@@ -111,6 +111,13 @@ def test_sharded_base_gives_sharded_output(cli, tiny_base, tiny_lora, tmp_path):
     a = AutoModelForCausalLM.from_pretrained(tmp_path / "m").state_dict()
     b = AutoModelForCausalLM.from_pretrained(tmp_path / "single").state_dict()
     assert all(torch.equal(a[k], b[k]) for k in b)
+    # the shards' hashes are taken while writing: the manifest must hold what the files hash to
+    from calora_cli.artifacts import file_sha256
+
+    files = json.loads((tmp_path / "m" / "calora.json").read_text())["files"]
+    assert {n for n in files if n.endswith(".safetensors")} == set(shards)
+    for name, rec in files.items():
+        assert rec == {"size": (tmp_path / "m" / name).stat().st_size, "sha256": file_sha256(tmp_path / "m" / name)}
 
 
 def test_sparsify_reports_removed_energy_and_round_trips_masks(cli, pruned_base, tiny_lora, small_text, tmp_path):
