@@ -73,13 +73,18 @@ class _Folder:
         self.stats = {"merged_modules": 0, "zeros_before": 0, "zeros_after": 0, "elements": 0,
                       "requant_error": 0.0, "delta_kept": 0.0, "requantized": 0}
 
+    def _factors(self, module: str, W) -> list:
+        """The module's (weight, factors), each checked against the base weight's shape."""
+        for _, f in self.plan[module]:
+            if f.shape != tuple(W.shape):
+                raise CaloraError(f"shape mismatch at {module}: the base weight is {tuple(W.shape)}, the adapter's delta {f.shape}")
+        return self.plan[module]
+
     def delta(self, module: str, W):
-        (w0, f0), *rest = self.plan[module]
+        (w0, f0), *rest = self._factors(module, W)
         delta = f0.delta().mul_(w0)
         for w, f in rest:
             delta.add_(f.delta(), alpha=w)
-        if delta.shape != W.shape:
-            raise CaloraError(f"shape mismatch at {module}: the base weight is {tuple(W.shape)}, the adapter's delta {tuple(delta.shape)}")
         return delta.mul_(W != 0) if self.keep else delta
 
     def count(self, zeros_before: int, new) -> None:
@@ -99,7 +104,7 @@ class _Folder:
         zero = (W == 0) if self.keep and zeros else None  # taken before W changes (float32 W is updated in place)
         # W is this merge's own copy: each adapter's product accumulates into it, no delta is materialized
         new = W.float()
-        for w, f in self.plan[module]:
+        for w, f in self._factors(module, W):
             f.add_to(new, w)
         if zero is not None:
             new.masked_fill_(zero, 0)

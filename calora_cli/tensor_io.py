@@ -142,7 +142,7 @@ class _BackgroundSha256:
 
     def __init__(self):
         self._h, self._q = hashlib.sha256(), queue.Queue(maxsize=1)
-        self.nbytes, self.digest = 0, None
+        self.digest = None
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
@@ -151,7 +151,6 @@ class _BackgroundSha256:
             self._h.update(buf)
 
     def update(self, buf) -> None:
-        self.nbytes += memoryview(buf).nbytes
         self._q.put(buf)
 
     def finish(self) -> None:

@@ -26,12 +26,14 @@ class LoraFactors:
     def delta(self) -> "torch.Tensor":
         return (self.B.float() @ self.A.float()).mul_(self.scale)
 
+    @property
+    def shape(self) -> tuple[int, int]:
+        """The delta's (out, in)."""
+        return (self.B.shape[0], self.A.shape[1])
+
     def add_to(self, W: "torch.Tensor", weight: float = 1.0) -> "torch.Tensor":
-        """W += weight * delta, in place (W float32): the product accumulates straight into W, with
-        the scalars folded into the small B, so no delta-sized temporary is made or scaled."""
-        if (W.shape[0], W.shape[1]) != (self.B.shape[0], self.A.shape[1]):
-            raise CaloraError(f"shape mismatch at {self.module}: the base weight is {tuple(W.shape)}, "
-                              f"the adapter's delta {(self.B.shape[0], self.A.shape[1])}")
+        """W += weight * delta, in place (W float32, of `shape`): the product accumulates straight
+        into W, with the scalars folded into the small B, so no delta-sized temporary is made or scaled."""
         return W.addmm_(self.B.float() * (self.scale * weight), self.A.float())
 
 
