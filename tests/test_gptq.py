@@ -72,20 +72,27 @@ def test_gptq_beats_rounding_to_nearest():
 
 
 def test_joint_keeps_the_mask_and_beats_refilling_it():
-    """Quantizing a pruned weight with its mask gives exact zeros there and compensates them; GPTQ
-    blind to the mask followed by resetting the pruned codes (the old path) does worse."""
+    """Quantizing the dense weight under a Wanda mask gives exact zeros there and compensates their
+    removal on the kept weights; Wanda, then GPTQ blind to the mask, then resetting the pruned codes
+    (the old path) does worse against the dense layer, as does quantizing the pruned weight with the
+    mask (rounding compensated, removal not)."""
     from calora_cli.compress import wanda
     from calora_cli.compress.sequential import InputStats
 
     lin, X, H = _layer()
+    W = lin.weight.data
     stats = InputStats("norms")
     stats.add(X)
-    pruned = wanda.prune(lin.weight.data, stats, 0.5, None)
+    pruned = wanda.prune(W, stats, 0.5, None)
     keep = pruned != 0
-    joint = gptq.quantize(pruned, H, 4, 64, keep=keep).weight
+    joint = gptq.quantize(W, H, 4, 64, keep=keep).weight
+    masked_only = gptq.quantize(pruned, H, 4, 64, keep=keep).weight
     refill = gptq.quantize(pruned, H, 4, 64).weight * keep
-    assert (joint[~keep] == 0).all() and (refill[~keep] == 0).all()
-    assert _output_error(joint, pruned, X) < _output_error(refill, pruned, X)
+    assert (joint[~keep] == 0).all() and (masked_only[~keep] == 0).all() and (refill[~keep] == 0).all()
+    errors = [_output_error(w, W, X) for w in (joint, masked_only, refill)]
+    # the removal's error is most of the total (20% of it compensated here, measured); the two
+    # uncompensated paths differ by 0.03%, too little to assert across machines
+    assert errors[0] < 0.9 * min(errors[1:]), errors
 
 
 def _perplexity(model, ids):
@@ -94,8 +101,9 @@ def _perplexity(model, ids):
 
 
 def test_joint_prune_gptq_beats_refill_on_a_trained_model(trained_base, calib_text, small_text):
-    """The engine on the trained fixture, Wanda 2:4 then GPTQ-4: joint (mask-aware) vs GPTQ then
-    refilled zeros, on the same calibration: lower block errors and lower held-out perplexity."""
+    """The engine on the trained fixture, Wanda 2:4 then GPTQ-4: joint (GPTQ from the dense weights
+    under Wanda's mask, compensating the removal) vs GPTQ of the pruned weights then refilled zeros,
+    on the same calibration: far lower block errors and lower held-out perplexity."""
     from calora_cli.compress.sequential import prune_sequential
     from calora_cli.data import calibration_batch, tokenize_text
     from calora_cli.models import load_model, load_tokenizer
@@ -108,8 +116,8 @@ def test_joint_prune_gptq_beats_refill_on_a_trained_model(trained_base, calib_te
     def joint(name, w, stats, keep):
         return gptq.quantize(w, stats.hessian, 4, 32, keep=keep)
 
-    def refill(name, w, stats, keep):
-        q = gptq.quantize(w, stats.hessian, 4, 32)
+    def refill(name, w, stats, keep):  # w: the dense weight (Wanda compensates nothing)
+        q = gptq.quantize(w * keep, stats.hessian, 4, 32)
         return gptq.Quantized(q.weight * keep, q.parts)
 
     results = {}
@@ -120,7 +128,9 @@ def test_joint_prune_gptq_beats_refill_on_a_trained_model(trained_base, calib_te
         assert all(abs(r.zeros / r.elements - 0.5) < 0.02 for r in reports)
         results[label] = ([r.rel_error for r in reports], _perplexity(model, held_out))
     (je, jp), (re_, rp) = results["joint"], results["refill"]
-    assert all(j < r for j, r in zip(je, re_)), (je, re_)
+    # measured here: block errors 0.026/0.0018 vs 0.114/0.0090, perplexity 76.6 vs 78.0 (dense 75.1);
+    # GPTQ compensating only its rounding under the mask gave 0.112/0.0088, within noise of refill
+    assert all(j < 0.5 * r for j, r in zip(je, re_)), (je, re_)
     assert jp < rp, (jp, rp)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from calora_cli.compress.masks import matrix_mask, nm_mask
 
 NEEDS = None  # no input statistics
+COMPENSATES = False  # kept weights are left as they were
 
 
 def prune(weight, stats, rate: float, nm: tuple[int, int] | None):

@@ -186,6 +186,7 @@ def prune_sequential(
     quantize: Callable | None = None,
     on_quantized: Callable[[int, dict], None] | None = None,
     quantize_needs="hessian",
+    pruner_compensates: bool = False,
 ) -> Iterator[BlockReport]:
     """Prune (`prune_fn`), quantize (`quantize`), or both, every linear of every decoder block in
     place; yield a report per block.
@@ -195,7 +196,9 @@ def prune_sequential(
     (`quantize_needs`: GPTQ's Hessian), the block's linears are solved group by group in execution
     order (arch.sequential_groups), each group's statistics from the block with the earlier groups
     already compressed (round-to-nearest needs none: one pass); a pruned linear is quantized with its own mask, so
-    its zeros stay zero (joint). `on_quantized(i, {linear: packed parts})` receives what replaces
+    its zeros stay zero (joint). Unless the pruner already compensated what it removed
+    (`pruner_compensates`: SparseGPT), the quantizer is handed the dense weights under the mask, so
+    GPTQ compensates the removal as it does rounding. `on_quantized(i, {linear: packed parts})` receives what replaces
     block i's weights in the output. Without calibration data (magnitude), blocks are pruned from
     their weights alone and no output error is measured. `blocks`/`keep`: see the module's docstring.
     """
@@ -232,12 +235,15 @@ def prune_sequential(
             with torch.no_grad():
                 for name in names:
                     lin = linears[name]
-                    new = lin.weight.data
+                    new = dense = lin.weight.data
                     if prune_fn is not None:
-                        new = prune_fn(new, stats.get(name), rates[i], nm)
+                        new = prune_fn(dense, stats.get(name), rates[i], nm)
                     if quantize is not None:
                         mask = (new != 0) if prune_fn is not None else None
-                        q = quantize(name, new, stats.get(name), mask)
+                        # magnitude/Wanda leave the kept weights as they were: the solve then starts
+                        # from the dense weights, so the pruned ones' error lands on the kept ones
+                        target = new if mask is None or pruner_compensates else dense
+                        q = quantize(name, target, stats.get(name), mask)
                         new, packed[name] = q.weight, q.parts
                     lin.weight.data.copy_(new)
                     z, n = zeros([lin.weight.data])

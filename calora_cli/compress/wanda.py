@@ -5,6 +5,7 @@ from __future__ import annotations
 from calora_cli.compress.masks import nm_mask, row_mask
 
 NEEDS = "norms"
+COMPENSATES = False  # kept weights are left as they were
 
 
 def scores(weight, sq_mean):

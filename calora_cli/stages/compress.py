@@ -168,7 +168,8 @@ def _stream(src, into: Path, calib, spec: CompressSpec, nm, opts: RunOptions) ->
             reports = list(prune_sequential(source.model, calib, rates, method.prune if prunes else None,
                                             method.NEEDS if prunes else None, nm, on_block=advance,
                                             blocks=_embedding_released(source, writer), keep=spill, quantize=quantize,
-                                            on_quantized=on_quantized, quantize_needs=quantize_needs))
+                                            on_quantized=on_quantized, quantize_needs=quantize_needs,
+                                            pruner_compensates=prunes and method.COMPENSATES))
         writer.finish()
     finally:
         spill.remove()
