@@ -19,8 +19,11 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install --quiet -e '.[test]'
 	touch $@
 
+# one worker per core: most of the suite's time is CLI subprocesses (imports, kill -9 trials,
+# torchrun pairs, recipe smokes), which overlap well; TEST_WORKERS=0 runs it in one process
+TEST_WORKERS ?= auto
 test: setup
-	$(VENV)/bin/python -m pytest -q
+	$(VENV)/bin/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal
 
 test-real: setup
 	$(VENV)/bin/python -m pytest -q -m real_model

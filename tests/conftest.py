@@ -6,6 +6,7 @@ every test reuses them. Everything comes from code and the shipped text: no hub,
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 from pathlib import Path
@@ -23,13 +24,16 @@ FIXTURE_VERSION = "v1"  # bump when the fixtures below change shape
 def _cached(request, name: str, build) -> Path:
     root = Path(request.config.cache.mkdir(f"calora-fixtures-{FIXTURE_VERSION}"))
     path = root / name
-    if not (path / ".done").exists():
-        shutil.rmtree(path, ignore_errors=True)
-        tmp = root / f"{name}.building"
-        shutil.rmtree(tmp, ignore_errors=True)
-        build(tmp)
-        (tmp / ".done").write_text("")
-        tmp.rename(path)
+    # pytest-xdist workers share the cache: the first to ask builds, the others wait for it
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (path / ".done").exists():
+            shutil.rmtree(path, ignore_errors=True)
+            tmp = root / f"{name}.building"
+            shutil.rmtree(tmp, ignore_errors=True)
+            build(tmp)
+            (tmp / ".done").write_text("")
+            tmp.rename(path)
     return path
 
 

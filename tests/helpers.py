@@ -65,3 +65,10 @@ def assert_same_safetensors(a_dir: Path, b_dir: Path, atol: float) -> None:
                 torch.testing.assert_close(b[k], a[k], rtol=0, atol=atol)
             else:
                 assert torch.equal(a[k], b[k]), k
+
+
+def tallied(terminalreporter, key: str) -> list:
+    """The values passing tests recorded under `key` with `record_property`: the suites' counts for
+    the CI log, gathered from the test reports, so they are whole under pytest-xdist too."""
+    return [value for report in terminalreporter.stats.get("passed", []) if report.when == "call"
+            for k, value in report.user_properties if k == key]

@@ -1,8 +1,9 @@
 """Prints how many bad-input cases ran (the suite's count, for CI logs)."""
 
+from helpers import tallied
+
 
 def pytest_terminal_summary(terminalreporter):
-    from test_bad_inputs import RAN
-
-    if RAN:
-        terminalreporter.write_line(f"bad-input suite: {len(RAN)} cases, each exit 2 with one line and nothing written")
+    ran = tallied(terminalreporter, "bad_input")
+    if ran:
+        terminalreporter.write_line(f"bad-input suite: {len(ran)} cases, each exit 2 with one line and nothing written")

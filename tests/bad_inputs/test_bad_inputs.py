@@ -18,7 +18,6 @@ from helpers import SHK, one_line_error
 from safetensors.torch import load_file, save_file
 
 CASES: dict = {}
-RAN: list[str] = []
 
 
 def case(name: str, expect: str):
@@ -324,7 +323,7 @@ def pruned(tiny_base, tmp_path_factory):
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_bad_input(cli, tiny_base, other_base, tiny_lora, pruned, tmp_path, name):
+def test_bad_input(cli, tiny_base, other_base, tiny_lora, pruned, tmp_path, name, record_property):
     build, expect = CASES[name]
     shutil.copytree(other_base, tmp_path / "other-base")
     work = tmp_path / "work"
@@ -339,7 +338,7 @@ def test_bad_input(cli, tiny_base, other_base, tiny_lora, pruned, tmp_path, name
     after = {p for p in work.rglob("*")}
     assert after == before, sorted(map(str, after - before))  # nothing written, no temp dirs left
     assert not (work / "UNPICKLED").exists()
-    RAN.append(name)
+    record_property("bad_input", name)
 
 
 def test_bad_input_suite_covers_enough_cases():

@@ -1,9 +1,10 @@
 """Prints how many artifacts the determinism suite compared (for CI logs)."""
 
+from helpers import tallied
+
 
 def pytest_terminal_summary(terminalreporter):
-    from test_determinism import COMPARED
-
-    if COMPARED:
-        terminalreporter.write_line(f"determinism suite: {len(COMPARED)} stages run twice (two processes, different PYTHONHASHSEED), "
-                                    f"{2 * len(COMPARED)} artifacts compared byte for byte")
+    compared = tallied(terminalreporter, "compared")
+    if compared:
+        terminalreporter.write_line(f"determinism suite: {len(compared)} stages run twice (two processes, different PYTHONHASHSEED), "
+                                    f"{2 * len(compared)} artifacts compared byte for byte")

@@ -19,7 +19,6 @@ from helpers import SHK
 
 TEXT = SHK / "plays" / "histories--richard-ii.txt"
 SMALL = ["--seq-len", "32", "--batch-size", "2", "--steps", "2"]
-COMPARED: list[str] = []
 
 
 def stages(base: Path, lora: Path, pruned: Path, gptq: Path, nola: Path) -> dict[str, list]:
@@ -69,7 +68,7 @@ def files(path: Path) -> dict[str, bytes]:
 
 
 @pytest.mark.parametrize("name", sorted(stages(*[Path()] * 5)))
-def test_stage_twice_gives_identical_bytes(cli, inputs, tmp_path, name):
+def test_stage_twice_gives_identical_bytes(cli, inputs, tmp_path, name, record_property):
     argv = stages(*inputs)[name]
     r = cli(*argv, "-o", tmp_path / "a", "--json")
     assert r.exit_code == 0, r.stderr
@@ -84,4 +83,4 @@ def test_stage_twice_gives_identical_bytes(cli, inputs, tmp_path, name):
     assert not differ, differ
     manifest = json.loads(outs[0]["calora.json"])
     assert manifest["kind"] in ("model", "adapter")
-    COMPARED.append(name)
+    record_property("compared", name)

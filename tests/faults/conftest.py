@@ -1,11 +1,14 @@
 """Prints the fault suite's counts (for CI logs)."""
 
+from collections import Counter
+
+from helpers import tallied
+
 
 def pytest_terminal_summary(terminalreporter):
-    from test_faults import COUNTS
-
-    if COUNTS["trials"]:
+    counts = sum(map(Counter, tallied(terminalreporter, "fault_counts")), Counter())
+    if counts["trials"]:
         terminalreporter.write_line(
-            f"fault suite: {COUNTS['trials']} kill -9 trials, {COUNTS['running_when_killed']} of them while the process "
-            f"still ran ({COUNTS['renamed_before_kill']} after its output was renamed into place, verified whole); "
-            f"{COUNTS['complete_outputs_verified']} complete runs verified; every rerun succeeded")
+            f"fault suite: {counts['trials']} kill -9 trials, {counts['running_when_killed']} of them while the process "
+            f"still ran ({counts['renamed_before_kill']} after its output was renamed into place, verified whole); "
+            f"{counts['complete_outputs_verified']} complete runs verified; every rerun succeeded")

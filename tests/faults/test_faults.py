@@ -22,7 +22,6 @@ from helpers import SHK
 TEXT = SHK / "plays" / "histories--richard-ii.txt"
 SMALL = ["--seq-len", "32", "--batch-size", "2"]
 TRIALS_PER_STAGE = 3
-COUNTS = {"trials": 0, "running_when_killed": 0, "complete_outputs_verified": 0, "renamed_before_kill": 0}
 
 
 def stages(base: Path, lora: Path, pruned: Path) -> dict[str, list]:
@@ -83,7 +82,8 @@ def pruned(tiny_base, tmp_path_factory):
 
 
 @pytest.mark.parametrize("stage", sorted(stages(*[Path()] * 3)))
-def test_kill_9_never_leaves_a_partial_output(tiny_base, tiny_lora, pruned, tmp_path, stage):
+def test_kill_9_never_leaves_a_partial_output(tiny_base, tiny_lora, pruned, tmp_path, stage, record_property):
+    counts = {"trials": 0, "running_when_killed": 0, "complete_outputs_verified": 0, "renamed_before_kill": 0}
     argv = stages(tiny_base, tiny_lora, pruned)[stage]
     rng = random.Random(f"faults/{stage}")
     scratch = tmp_path / "tmp"  # the system temp dir of these runs: where eval's spill folders go
@@ -98,7 +98,7 @@ def test_kill_9_never_leaves_a_partial_output(tiny_base, tiny_lora, pruned, tmp_
     duration = time.perf_counter() - start
     assert done.returncode == 0, done.stderr[-2000:]
     assert verified(full)
-    COUNTS["complete_outputs_verified"] += 1
+    counts["complete_outputs_verified"] += 1
     outs = [_output(stage, tmp_path / f"out{trial}") for trial in range(TRIALS_PER_STAGE)]
     # the trials of a stage run side by side (they are independent, and slower together than the
     # timed run alone), each killed at its own moment within the first 90% of that duration: kills
@@ -113,11 +113,11 @@ def test_kill_9_never_leaves_a_partial_output(tiny_base, tiny_lora, pruned, tmp_
         procs[out].send_signal(signal.SIGKILL)
         procs[out].wait()
         assert running, f"{stage} finished before its kill at {at:.2f}s (a run alone took {duration:.2f}s)"
-        COUNTS["running_when_killed"] += 1
-        COUNTS["trials"] += 1
+        counts["running_when_killed"] += 1
+        counts["trials"] += 1
         if out.exists():  # killed after the rename, while it printed its summary: the output must be whole
             assert verified(out)
-            COUNTS["renamed_before_kill"] += 1
+            counts["renamed_before_kill"] += 1
     reruns = [subprocess.Popen([sys.executable, "-m", "calora_cli", *map(str, argv), "-o", str(out), "--force"],
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env) for out in outs]
     for out, proc in zip(outs, reruns):
@@ -126,6 +126,7 @@ def test_kill_9_never_leaves_a_partial_output(tiny_base, tiny_lora, pruned, tmp_
         assert verified(out)
         assert leftovers(out) == [], leftovers(out)  # the rerun cleared the killed run's temp dir
     assert sorted(p.name for p in scratch.iterdir() if "calora" in p.name) == []  # no spill folder left
+    record_property("fault_counts", counts)
 
 
 def test_full_disk_gives_one_line_and_no_output(tiny_base, tiny_lora, tmp_path):
