@@ -9,6 +9,7 @@ from __future__ import annotations
 import fcntl
 import os
 import shutil
+from collections import Counter
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -16,7 +17,7 @@ os.environ.setdefault("GPTQMODEL_DISABLE_PACK_EXT", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
-from helpers import DATA, SHK, save_tiny_base  # noqa: E402
+from helpers import DATA, SHK, save_tiny_base, tallied  # noqa: E402
 
 FIXTURE_VERSION = "v1"  # bump when the fixtures below change shape
 
@@ -129,3 +130,21 @@ def deep_base(request) -> Path:
 @pytest.fixture(scope="session")
 def calib_text(data_dir) -> Path:
     return data_dir / "shakespeare" / "plays" / "tragedies--hamlet.txt"
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The fault, determinism and bad-input suites' counts, for CI logs. Here, not in those folders'
+    conftests: under pytest-xdist the controller, which prints the summary, loads only this one."""
+    counts = sum(map(Counter, tallied(terminalreporter, "fault_counts")), Counter())
+    if counts["trials"]:
+        terminalreporter.write_line(
+            f"fault suite: {counts['trials']} kill -9 trials, {counts['running_when_killed']} of them while the process "
+            f"still ran ({counts['renamed_before_kill']} after its output was renamed into place, verified whole); "
+            f"{counts['complete_outputs_verified']} complete runs verified; every rerun succeeded")
+    compared = tallied(terminalreporter, "compared")
+    if compared:
+        terminalreporter.write_line(f"determinism suite: {len(compared)} stages run twice (two processes, different "
+                                    f"PYTHONHASHSEED), {2 * len(compared)} artifacts compared byte for byte")
+    ran = tallied(terminalreporter, "bad_input")
+    if ran:
+        terminalreporter.write_line(f"bad-input suite: {len(ran)} cases, each exit 2 with one line and nothing written")
