@@ -20,10 +20,11 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 # one worker per core: most of the suite's time is CLI subprocesses (imports, kill -9 trials,
-# torchrun pairs, recipe smokes), which overlap well; TEST_WORKERS=0 runs it in one process
+# torchrun pairs, recipe smokes), which overlap well; TEST_WORKERS=0 runs it in one process.
+# The slowest tests are listed at the end, so a CI log says where its time went
 TEST_WORKERS ?= auto
 test: setup
-	$(VENV)/bin/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal
+	$(VENV)/bin/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal --durations=15
 
 test-real: setup
 	$(VENV)/bin/python -m pytest -q -m real_model
