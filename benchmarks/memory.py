@@ -119,6 +119,8 @@ def main() -> int:
     for row in rows:
         print(f"| {row['model_gb']:.2f} | " + " | ".join(f"{row[s]:.2f} ({row[s + '_wall']:.0f} s)" for s in stages) + " |")
     xs = [r["model_gb"] for r in rows]
+    if len(set(xs)) < 2:  # one size (a single point added to an earlier table): no slope to fit
+        return 0
     print("\nslope of peak memory against model size: " + ", ".join(f"{s} {slope(xs, [r[s] for r in rows]):.2f}" for s in stages))
     return 0
 
