@@ -112,6 +112,9 @@ $(CA)/$(1)/s$(2)/mc-%.json: $(CA)/$(1)/s$(2)/%/calora.json
 	$(CALORA) eval $(CA)/$(1)/model --adapter $(CA)/$(1)/s$(2)/$$* $(CA_MCARGS) -o $$@
 endef
 
+# the compensated adapters are made by a pattern rule: keep them (make would delete them as
+# intermediates once their evaluations exist; calora writes them whole or not at all)
+.PRECIOUS: $(CA)/%/calora.json
 $(foreach c,$(CA_COMP_BASES),$(eval $(call CA_COMP_BASE,$(c))))
 $(foreach c,$(CA_COMP_TRAINED),$(foreach s,$(CA_COMP_SEEDS),$(eval $(call CA_COMP_RUN,$(c),$(s)))))
 
