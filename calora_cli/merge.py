@@ -73,6 +73,10 @@ class _Folder:
         self.stats = {"merged_modules": 0, "zeros_before": 0, "zeros_after": 0, "elements": 0,
                       "requant_error": 0.0, "delta_kept": 0.0, "requantized": 0}
 
+    def for_shard(self) -> "_Folder":
+        """A folder with the same plan and counts of its own (one per shard, merged concurrently)."""
+        return _Folder(self.plan, self.keep, self.advance)
+
     def _factors(self, module: str, W) -> list:
         """The module's (weight, factors), each checked against the base weight's shape."""
         for _, f in self.plan[module]:
@@ -192,6 +196,35 @@ def _merge_shard(src: Path, dst: Path, folder: _Folder, gptq: Gptq | None, dense
         return write_tensors(dst, entries, produce, header.get("__metadata__"), hashed=True)
 
 
+SHARD_WORKERS = 2
+
+
+def _merge_shards(base_art, tmp: Path, folder: _Folder, gptq: Gptq | None, dense: bool, dense_dtype):
+    """Merge every shard into tmp, SHARD_WORKERS shards at a time on threads (file reads and writes,
+    hashing and torch's arithmetic all release the GIL, so one shard's I/O overlaps another's
+    compute: alone, the reading, the adapters' products and the hashing of a shard run one after
+    another). Each shard counts into its own folder, summed in shard order, so the manifest's
+    floats do not depend on which thread finished first. Returns ({shard: sha256}, stats)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    shards = list(base_art.weights)
+    folders = [folder.for_shard() for _ in shards]
+    with ThreadPoolExecutor(max_workers=max(1, min(SHARD_WORKERS, len(shards)))) as pool:
+        futures = [pool.submit(_merge_shard, shard, tmp / shard.relative_to(base_art.path), f, gptq, dense, dense_dtype)
+                   for shard, f in zip(shards, folders)]
+        try:
+            digests = [future.result() for future in futures]
+        except BaseException:
+            for future in futures:  # the first failure ends the merge: start no further shard
+                future.cancel()
+            raise
+    stats = dict(folder.stats)
+    for f in folders:
+        for k, v in f.stats.items():
+            stats[k] += v
+    return {s.relative_to(base_art.path).as_posix(): d for s, d in zip(shards, digests)}, stats
+
+
 def _reindex(folder: Path) -> None:
     """Rebuild a sharded model's index from its shards (dequantizing renamed and dropped tensors)."""
     from calora_cli.tensor_io import tensor_bytes
@@ -252,13 +285,9 @@ def merge(base: Path, adapters: list[Path], out: Path, opts: RunOptions, weights
             config.pop("quantization_config")
             (tmp / "quantize_config.json").unlink(missing_ok=True)
             (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        hashes = {}
-        for shard in base_art.weights:
-            rel = shard.relative_to(base_art.path)
-            hashes[rel.as_posix()] = _merge_shard(shard, tmp / rel, folder, gptq, dense, _dense_dtype(config))
+        hashes, stats = _merge_shards(base_art, tmp, folder, gptq, dense, _dense_dtype(config))
         if gptq and dense:
             _reindex(tmp)
-        stats = folder.stats
         n = max(1, stats["elements"])
         metrics = {
             "merged_modules": stats["merged_modules"],

@@ -94,8 +94,10 @@ def test_weighted_merge_equals_peft_cat(cli, tiny_base, tiny_lora, small_text, t
         assert torch.allclose(v, ref[k], atol=1e-6), k
 
 
-def test_sharded_base_gives_sharded_output(cli, tiny_base, tiny_lora, tmp_path):
+def test_sharded_base_gives_sharded_output(cli, tiny_base, tiny_lora, tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM
+
+    from calora_cli import merge as merge_module
 
     sharded = tmp_path / "sharded"
     AutoModelForCausalLM.from_pretrained(tiny_base).save_pretrained(sharded, max_shard_size="100KB")
@@ -118,6 +120,13 @@ def test_sharded_base_gives_sharded_output(cli, tiny_base, tiny_lora, tmp_path):
     assert {n for n in files if n.endswith(".safetensors")} == set(shards)
     for name, rec in files.items():
         assert rec == {"size": (tmp_path / "m" / name).stat().st_size, "sha256": file_sha256(tmp_path / "m" / name)}
+    # shards are merged on several threads: one at a time gives the same bytes, manifest included
+    assert merge_module.SHARD_WORKERS > 1
+    monkeypatch.setattr(merge_module, "SHARD_WORKERS", 1)
+    _ok(cli("merge", sharded, "--adapter", tiny_lora, "-o", tmp_path / "m1", "--json", "--allow-base-mismatch"))
+    names = sorted(p.name for p in (tmp_path / "m").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "m1").iterdir())
+    assert all((tmp_path / "m" / n).read_bytes() == (tmp_path / "m1" / n).read_bytes() for n in names)
 
 
 def test_sparsify_reports_removed_energy_and_round_trips_masks(cli, pruned_base, tiny_lora, small_text, tmp_path):
