@@ -73,10 +73,6 @@ class _Folder:
         self.stats = {"merged_modules": 0, "zeros_before": 0, "zeros_after": 0, "elements": 0,
                       "requant_error": 0.0, "delta_kept": 0.0, "requantized": 0}
 
-    def for_shard(self) -> "_Folder":
-        """A folder with the same plan and counts of its own (one per shard, merged concurrently)."""
-        return _Folder(self.plan, self.keep, self.advance)
-
     def _factors(self, module: str, W) -> list:
         """The module's (weight, factors), each checked against the base weight's shape."""
         for _, f in self.plan[module]:
@@ -199,7 +195,7 @@ def _merge_shard(src: Path, dst: Path, folder: _Folder, gptq: Gptq | None, dense
 SHARD_WORKERS = 2
 
 
-def _merge_shards(base_art, tmp: Path, folder: _Folder, gptq: Gptq | None, dense: bool, dense_dtype):
+def _merge_shards(base_art, tmp: Path, plan: dict, keep: bool, advance, gptq: Gptq | None, dense: bool, dense_dtype):
     """Merge every shard into tmp, SHARD_WORKERS shards at a time on threads (file reads and writes,
     hashing and torch's arithmetic all release the GIL, so one shard's I/O overlaps another's
     compute: alone, the reading, the adapters' products and the hashing of a shard run one after
@@ -208,7 +204,7 @@ def _merge_shards(base_art, tmp: Path, folder: _Folder, gptq: Gptq | None, dense
     from concurrent.futures import ThreadPoolExecutor
 
     shards = list(base_art.weights)
-    folders = [folder.for_shard() for _ in shards]
+    folders = [_Folder(plan, keep, advance) for _ in shards]
     with ThreadPoolExecutor(max_workers=max(1, min(SHARD_WORKERS, len(shards)))) as pool:
         futures = [pool.submit(_merge_shard, shard, tmp / shard.relative_to(base_art.path), f, gptq, dense, dense_dtype)
                    for shard, f in zip(shards, folders)]
@@ -218,10 +214,7 @@ def _merge_shards(base_art, tmp: Path, folder: _Folder, gptq: Gptq | None, dense
             for future in futures:  # the first failure ends the merge: start no further shard
                 future.cancel()
             raise
-    stats = dict(folder.stats)
-    for f in folders:
-        for k, v in f.stats.items():
-            stats[k] += v
+    stats = {k: sum(f.stats[k] for f in folders) for k in folders[0].stats}
     return {s.relative_to(base_art.path).as_posix(): d for s, d in zip(shards, digests)}, stats
 
 
@@ -278,14 +271,13 @@ def merge(base: Path, adapters: list[Path], out: Path, opts: RunOptions, weights
         raise CaloraError(f"the base has no weight {missing[0]}{suffix} that the adapter adapts ({len(missing)} missing)")
 
     with atomic_output(out, opts.force) as tmp, progress("merge", len(plan), opts.show_progress) as advance:
-        folder = _Folder(plan, keep, advance)
         for f in companion_files(base_art.path, with_index=True):  # same shard names: the index still holds
             shutil.copy2(f, tmp / f.name)
         if gptq and dense:
             config.pop("quantization_config")
             (tmp / "quantize_config.json").unlink(missing_ok=True)
             (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        hashes, stats = _merge_shards(base_art, tmp, folder, gptq, dense, _dense_dtype(config))
+        hashes, stats = _merge_shards(base_art, tmp, plan, keep, advance, gptq, dense, _dense_dtype(config))
         if gptq and dense:
             _reindex(tmp)
         n = max(1, stats["elements"])

@@ -88,8 +88,9 @@ def quantize(weight: "torch.Tensor", hessian: "torch.Tensor", bits: int, group_s
 
     `keep` (out, in) bool: weights outside it get the zero code, which dequantizes to exactly 0, and
     their removal (from whatever value `weight` holds there: the dense one, or 0 from a pruner
-    that compensated it itself) is compensated like a rounding error. The solve uses float32 scales and they are
-    stored as float16, as gptqmodel does (so the output is gptqmodel's, tensor for tensor);
+    that compensated it itself) is compensated like a rounding error. The solve uses float32
+    scales and they are stored as float16, as gptqmodel does (so the output is gptqmodel's,
+    tensor for tensor);
     `round_scales` rounds them first instead, so that the stored codes dequantize exactly to
     `weight` (measured on SmolLM2 GPTQ-4 g64: not better, perplexity 62.3 vs 59.75)."""
     import torch

@@ -198,9 +198,9 @@ def prune_sequential(
     already compressed (round-to-nearest needs none: one pass); a pruned linear is quantized with its own mask, so
     its zeros stay zero (joint). Unless the pruner already compensated what it removed
     (`pruner_compensates`: SparseGPT), the quantizer is handed the dense weights under the mask, so
-    GPTQ compensates the removal as it does rounding. `on_quantized(i, {linear: packed parts})` receives what replaces
-    block i's weights in the output. Without calibration data (magnitude), blocks are pruned from
-    their weights alone and no output error is measured. `blocks`/`keep`: see the module's docstring.
+    GPTQ compensates the removal as it does rounding. `on_quantized(i, {linear: packed parts})`
+    receives what replaces block i's weights in the output. Without calibration data (magnitude),
+    blocks are pruned from their weights alone and no output error is measured. `blocks`/`keep`: see the module's docstring.
     """
     import torch
 
@@ -242,7 +242,7 @@ def prune_sequential(
                         mask = (new != 0) if prune_fn is not None else None
                         # magnitude/Wanda leave the kept weights as they were: the solve then starts
                         # from the dense weights, so the pruned ones' error lands on the kept ones
-                        target = new if mask is None or pruner_compensates else dense
+                        target = new if pruner_compensates else dense
                         q = quantize(name, target, stats.get(name), mask)
                         new, packed[name] = q.weight, q.parts
                     lin.weight.data.copy_(new)
