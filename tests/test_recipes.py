@@ -4,13 +4,14 @@ import json
 import subprocess
 import sys
 
-from helpers import REPO
+from helpers import DATA, REPO
 
 
 def make_recipe(target: str, **variables) -> None:
-    """`make -C recipes TARGET VAR=value ...` with this interpreter's calora; fails the test on error."""
+    """`make -C recipes TARGET VAR=value ...` with this interpreter's calora and the tests' data folder; fails the
+    test on error."""
     cmd = ["make", "-s", "-C", str(REPO / "recipes"), target, f"CALORA={sys.executable} -m calora_cli",
-           f"PY={sys.executable}", *(f"{k}={v}" for k, v in variables.items())]
+           f"PY={sys.executable}", f"DATA={DATA}", *(f"{k}={v}" for k, v in variables.items())]
     r = subprocess.run(cmd, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
 
