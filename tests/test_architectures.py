@@ -2,9 +2,10 @@
 
 Tiny random models (configs built in code, recipes/tiny_models.py) of Llama, Mistral, Qwen2 (q/k/v
 biases), Qwen3 (q/k norms, head_dim apart), Gemma2 (four norms a block, soft-capping) and Phi3
-(fused qkv_proj and gate_up_proj): compress (Wanda, SparseGPT 2:4, GPTQ, NF4), train, inherit,
-recover, sparsify-adapter, merge (dense, sparse, GPTQ), eval and info. Each step checks what the
-step promises, not only its exit code.
+(fused qkv_proj and gate_up_proj), saved in several shards as real checkpoints are: compress
+(Wanda, SparseGPT 2:4, GPTQ, Wanda 2:4 then GPTQ, NF4), train, inherit (plain and compensated),
+recover, sparsify-adapter, merge (dense, sparse, GPTQ; sharded like the base), eval and info. Each
+step checks what the step promises, not only its exit code.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import math
 import pytest
 import torch
 from helpers import SHK, one_line_error
+from calora_cli.compress.gptq_format import dequantize, is_v1
 from safetensors.torch import load_file
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "phi3")
@@ -39,7 +41,7 @@ def _base(family, tokenizer_dir, out):
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     model = build_tiny(family, len(tok), pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
                        eos_token_id=tok.eos_token_id)
-    model.save_pretrained(out)
+    model.save_pretrained(out, max_shard_size="100KB")  # a few shards: the streamed reader and merge's shard workers
     tok.save_pretrained(out)
     return out
 
@@ -95,6 +97,15 @@ def test_family_through_every_stage(cli, tokenizer_dir, tmp_path, family):
     s = _run(cli, "compress", base, "-o", gptq, "--method", "gptq", "--group-size", "32", *CALIB)
     assert json.loads((gptq / "config.json").read_text())["quantization_config"]["bits"] == 4
     assert 0 < s["mean_block_rel_error"] < 0.2
+    joint = tmp_path / "w24-gptq"
+    _run(cli, "compress", base, "-o", joint, "--method", "wanda", "--pattern", "2:4", "--then", "gptq",
+         "--group-size", "32", *CALIB)
+    packed, v1 = _all(joint), is_v1(json.loads((joint / "config.json").read_text())["quantization_config"])
+    prefixes = [k.removesuffix(".qweight") for k in packed if k.endswith(".qweight")]
+    assert prefixes
+    for p in prefixes:
+        w = dequantize({part: packed[f"{p}.{part}"] for part in ("qweight", "qzeros", "scales", "g_idx")}, 4, v1)
+        assert bool(((w != 0).reshape(w.shape[0], -1, 4).sum(-1) <= 2).all()), p
     nf4 = tmp_path / "nf4"
     _run(cli, "compress", base, "-o", nf4, "--method", "nf4")
 
@@ -103,6 +114,7 @@ def test_family_through_every_stage(cli, tokenizer_dir, tmp_path, family):
     _run(cli, "train", base, "-o", lora, *TRAIN, "--rank", "4", "--lr", "1e-2")
     merged = tmp_path / "merged"
     _run(cli, "merge", base, "--adapter", lora, "-o", merged)
+    assert (merged / "model.safetensors.index.json").exists()
     torch.testing.assert_close(_logits(merged, ids=ids), _logits(base, lora, ids), rtol=1e-4, atol=1e-4)
 
     # CA-LoRA: inherit onto GPTQ, recover on the pruned base; both evaluate to finite perplexities
@@ -111,7 +123,10 @@ def test_family_through_every_stage(cli, tokenizer_dir, tmp_path, family):
     assert s["skipped"] == 0 and s["carried"] > 0
     recovered = tmp_path / "recovered"
     _run(cli, "recover", lora, "--base", wanda, "--teacher", base, "--teacher-adapter", lora, "-o", recovered, *TRAIN)
-    for model, adapter in ((gptq, inherited), (wanda, recovered), (nf4, lora)):
+    compensated = tmp_path / "compensated"
+    s = _run(cli, "inherit", lora, "--base", joint, "-o", compensated, "--compensate", "2", "--teacher", base, *CALIB)
+    assert 0 < s["mean_compensation_removed"] <= 1
+    for model, adapter in ((gptq, inherited), (wanda, recovered), (nf4, lora), (joint, compensated)):
         e = _run(cli, "eval", model, "--adapter", adapter, "--ppl", short, "--seq-len", "32")
         assert math.isfinite(e["perplexity"])
 
