@@ -1,37 +1,48 @@
 """Results of `make ca-lora-compensate`: per compressed base, each arm's held-out perplexity,
-SocialIQa and QuaRTz acc / acc_norm, and the wall time of what the arm adds."""
+SocialIQa and QuaRTz acc / acc_norm, and the wall time of what the arm adds. A trained arm run with
+several seeds shows mean ± sample std over the seeds that have finished (n in the label); an arm
+with none yet shows "–" (make requires every file; run the script by hand on a grid in progress)."""
 
+import statistics
 import sys
 from pathlib import Path
 
-from tables import finish_bars, load, pyplot
+from tables import cell, finish_bars, load, mean_std, pyplot
+
+TRAINED = (("4. inherited, trained further", "inh", None),
+           ("5. CA-LoRA (inherit + recover)", "calora", "calora"),
+           ("6. CA-LoRA from arm 3 (rank {r})", "calora-comp", "calora-comp"))
 
 
-def arms(root: Path, base: str, ranks: list[str], trained: bool, seeds: list[str]) -> list[tuple[str, Path, Path | None]]:
-    """(label, eval json, time file) per arm of one base."""
-    rows = [("compressed model, no LoRA", root / base / "eval-base.json", None),
-            ("2. compressed + original LoRA as-is", root / base / "mc-asis.json", None)]
-    rows += [(f"3. inherited + compensation rank {r}, no training", root / base / f"mc-comp{r}.json",
-              root / base / f"comp{r}.time") for r in ranks]
+def arms(root: Path, base: str, ranks: list[str], trained: bool, seeds: list[str]) -> list[tuple[str, list[Path], list[Path]]]:
+    """(label, eval jsons, time files) per arm of one base: one path each, or one per seed."""
+    rows = [("compressed model, no LoRA", [root / base / "eval-base.json"], []),
+            ("2. compressed + original LoRA as-is", [root / base / "mc-asis.json"], [])]
+    rows += [(f"3. inherited + compensation rank {r}, no training", [root / base / f"mc-comp{r}.json"],
+              [root / base / f"comp{r}.time"]) for r in ranks]
     if trained:
-        for s in seeds:
-            tag = f" (seed {s})" if len(seeds) > 1 else ""
-            rows += [(f"4. inherited, trained further{tag}", root / base / f"s{s}" / "mc-inh.json", None),
-                     (f"5. CA-LoRA (inherit + recover){tag}", root / base / f"s{s}" / "mc-calora.json", None),
-                     (f"6. CA-LoRA from arm 3 (rank {ranks[0]}){tag}", root / base / f"s{s}" / "mc-calora-comp.json",
-                      root / base / f"s{s}" / "calora-comp.time")]
+        for label, arm, timed in TRAINED:
+            rows.append((label.format(r=ranks[0]), [root / base / f"s{s}" / f"mc-{arm}.json" for s in seeds],
+                         [root / base / f"s{s}" / f"{timed}.time" for s in seeds] if timed else []))
     return rows
 
 
-def mc(result: dict, task: str) -> str:
-    t = result.get("tasks", {}).get(task)
-    return f"{t['acc']:.3f} / {t['acc_norm']:.3f}" if t else "–"
+def finished(paths: list[Path]) -> list[dict]:
+    return [load(p) for p in paths if p.exists()]
 
 
-def seconds(path: Path | None) -> str:
-    if path is None or not path.exists():
+def mc(results: list[dict], task: str) -> str:
+    scores = [r["tasks"][task] for r in results if task in r.get("tasks", {})]
+    if not scores:
         return "–"
-    s = float(path.read_text())
+    return " / ".join(f"{statistics.mean(s[k] for s in scores):.3f}" for k in ("acc", "acc_norm"))
+
+
+def seconds(paths: list[Path]) -> str:
+    times = [float(p.read_text()) for p in paths if p.exists()]
+    if not times:
+        return "–"
+    s = statistics.mean(times)
     return f"{s:.0f} s" if s < 120 else f"{s / 60:.1f} min"
 
 
@@ -42,27 +53,35 @@ def main(root: str, bases: str, ranks: str, trained: str, seeds: str, png: str |
         print(f"### {base}\n")
         print("| arm | perplexity | SocialIQa acc / acc_norm | QuaRTz acc / acc_norm | wall time of the arm |")
         print("|---|---|---|---|---|")
-        print(f"| 1. original model + original LoRA | {original['perplexity']:.2f} | {mc(original, 'socialiqa')} | "
-              f"{mc(original, 'quartz')} | – |")
-        for label, path, timing in arms(root, base, ranks, base in trained, seeds):
-            r = load(path)
-            print(f"| {label} | {r['perplexity']:.2f} | {mc(r, 'socialiqa')} | {mc(r, 'quartz')} | {seconds(timing)} |")
+        print(f"| 1. original model + original LoRA | {original['perplexity']:.2f} | {mc([original], 'socialiqa')} | "
+              f"{mc([original], 'quartz')} | – |")
+        for label, paths, timing in arms(root, base, ranks, base in trained, seeds):
+            results = finished(paths)
+            n = f" (n = {len(results)} seeds)" if len(paths) > 1 else ""
+            ppl = cell([r["perplexity"] for r in results]) if results else "–"
+            print(f"| {label}{n} | {ppl} | {mc(results, 'socialiqa')} | {mc(results, 'quartz')} | {seconds(timing)} |")
         print()
     if png:
         plot(root, bases, ranks, trained, seeds, original["perplexity"], Path(png))
 
 
 def plot(root, bases, ranks, trained, seeds, original, out):
+    """Grouped bars per base, one per arm (trained arms: mean over seeds, sample std as error bar)."""
     plt = pyplot(out)
     if plt is None:
         return
-    labels = [a[0] for a in arms(root, bases[0], ranks, False, seeds)][1:]
-    fig, ax = plt.subplots(figsize=(8, 4))
+    per_base = {b: arms(root, b, ranks, b in trained, seeds)[1:] for b in bases}  # the no-LoRA base is off scale
+    labels = max(([a[0] for a in rows] for rows in per_base.values()), key=len)
+    fig, ax = plt.subplots(figsize=(9, 4))
     width = 0.8 / len(labels)
     for k, label in enumerate(labels):
-        heights = [load(next(p for lab, p, _ in arms(root, b, ranks, False, seeds) if lab == label))["perplexity"]
-                   for b in bases]
-        ax.bar([i + k * width for i in range(len(bases))], heights, width, label=label)
+        xs, heights, errors = [], [], []
+        for i, b in enumerate(bases):
+            results = next((finished(p) for lab, p, _ in per_base[b] if lab == label), [])
+            if results:
+                m, s = mean_std([r["perplexity"] for r in results])
+                xs.append(i + k * width), heights.append(m), errors.append(s)
+        ax.bar(xs, heights, width, yerr=errors if any(errors) else None, capsize=2, label=label)
     ax.axhline(original, color="black", linestyle="--", label="1. original + original LoRA")
     ax.set_ylim(min(b.get_height() for b in ax.patches) * 0.95, None)
     finish_bars(ax, fig, bases, len(labels), width, out)

@@ -86,3 +86,33 @@ def test_table_cells_show_mean_and_std_over_seeds():
         sys.path.pop(0)
     assert cell([36.2]) == "36.20"
     assert cell([1.0, 2.0]) == "1.50 ± 0.71"
+
+
+def test_compensate_table_averages_the_seeds_that_finished(tmp_path, capsys):
+    """Trained arms: mean ± std over the seeds whose evaluation exists, n in the label; an arm with
+    none yet prints "–" rather than stopping the table."""
+    sys.path.insert(0, str(REPO / "recipes"))
+    try:
+        import compensate_table
+    finally:
+        sys.path.pop(0)
+
+    def result(path, ppl, acc):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tasks = {t: {"acc": acc, "acc_norm": acc} for t in ("socialiqa", "quartz")}
+        path.write_text(json.dumps({"perplexity": ppl, "tasks": tasks}))
+
+    result(tmp_path / "mc-original.json", 30.0, 0.5)
+    result(tmp_path / "b" / "eval-base.json", 60.0, 0.3)
+    result(tmp_path / "b" / "mc-asis.json", 40.0, 0.4)
+    result(tmp_path / "b" / "mc-comp16.json", 38.0, 0.4)
+    result(tmp_path / "b" / "s0" / "mc-calora.json", 36.0, 0.4)
+    result(tmp_path / "b" / "s1" / "mc-calora.json", 37.0, 0.5)
+    (tmp_path / "b" / "s1" / "calora.time").write_text("600")
+    compensate_table.main(str(tmp_path), "b", "16", "b", "0 1 2")
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")}
+    assert "36.50 ± 0.71" in rows["5. CA-LoRA (inherit + recover) (n = 2 seeds)"]
+    assert "0.450 / 0.450" in rows["5. CA-LoRA (inherit + recover) (n = 2 seeds)"]
+    assert "10.0 min" in rows["5. CA-LoRA (inherit + recover) (n = 2 seeds)"]
+    assert rows["4. inherited, trained further (n = 0 seeds)"].count("–") == 4
+    assert "38.00" in rows["3. inherited + compensation rank 16, no training"]
