@@ -163,7 +163,14 @@ def test_cached_teacher_trains_the_same_adapter(tiny_base, tiny_lora, compressed
     assert held == TeacherCache.bytes_needed(ex, teacher.config, RecoverSpec(distill=distill))
 
 
-def test_inheritance_only_has_no_recovery_modules(cli, tiny_base, tiny_lora, compressed, inherited, small_text, tmp_path):
+def test_inheritance_only_has_no_recovery_modules(cli, tiny_base, tiny_lora, compressed, inherited, small_text, tmp_path,
+                                                  monkeypatch):
+    from calora_cli.methods.ca_lora import recover as recover_stage
+
+    def no_teacher(*a, **k):
+        raise AssertionError("the teacher was loaded, but --distill-weight 0 never runs it")
+
+    monkeypatch.setattr(recover_stage, "load_teacher", no_teacher)
     _ok(cli("recover", inherited, "--base", compressed / "wanda", "--teacher", tiny_base, "--teacher-adapter", tiny_lora,
             "--data", small_text, "-o", tmp_path / "r", "--steps", "2", "--seq-len", "64", "--batch-size", "2",
             "--recovery-dim", "0", "--distill-weight", "0", "--json"))

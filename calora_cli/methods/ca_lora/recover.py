@@ -65,12 +65,15 @@ def recover(adapter: Path, base: Path, teacher: Path, teacher_adapter: Path, dat
         check_fits(a, m, opts)
     check_descends(base_art, t_art, "compressed from the teacher", opts)
     examples = load_examples(data, load_tokenizer(base_art.path), cfg.seq_len)
-    cached = spec.cache_teacher and spec.distill_weight > 0  # then the teacher is read layer by layer, never resident
-    check_training_memory("recover" if cached else "recover (student and teacher)", [base_art] if cached else [base_art, t_art],
+    # the teacher is resident only when the loss uses it live: with --cache-teacher it is read
+    # layer by layer, and with --distill-weight 0 (inheritance only) it is never run at all
+    cached = spec.cache_teacher and spec.distill_weight > 0
+    live = spec.distill_weight > 0 and not cached
+    check_training_memory("recover (student and teacher)" if live else "recover", [base_art, t_art] if live else [base_art],
                           opts.dtype, cfg.batch_size, cfg.seq_len)
 
     seed_everything(cfg.seed)
-    teacher_model = None if cached else load_teacher(t_art, ta, opts)
+    teacher_model = load_teacher(t_art, ta, opts) if live else None
     student = adapters.attach(load_model(base_art.path, opts.device, opts.dtype, shardable=True), ad, trainable=True)
     lora_cfg = student.peft_config["default"]
     rank = spec.recovery_dim if spec.recovery_dim is not None else lora_cfg.r
