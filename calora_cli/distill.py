@@ -31,6 +31,14 @@ class DistillSpec:
         if self.temperature <= 0:
             raise CaloraError(f"--temperature must be positive, got {self.temperature}")
 
+    def teacher_use(self, cache: bool) -> str | None:
+        """How the loss sees the teacher, which decides whether it is resident while training:
+        None when the loss never runs it (weight 0), "cached" when its outputs come from one
+        streamed pass before training (never resident), "live" when it runs beside the student."""
+        if self.distill_weight == 0:
+            return None
+        return "cached" if cache else "live"
+
 
 def distill_terms(student_out, teacher_out, mask, spec: DistillSpec):
     """Distillation loss over real (non-padding) tokens: hidden-state MSE and/or logit KL * T^2."""

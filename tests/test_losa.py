@@ -101,6 +101,21 @@ def test_error_allocation_trains_loads_and_merges_exactly_sparse(cli, deep_base,
     assert merged["zeros_filled"] == 0 and merged["sparsity_after"] >= merged["sparsity_before"]
 
 
+def test_distillation_weight_zero_never_loads_the_teacher(cli, deep_base, pruned_deep, deep_lora, small_text, tmp_path,
+                                                         monkeypatch):
+    import calora_cli.distill
+
+    def no_teacher(*a, **k):
+        raise AssertionError("the teacher was loaded, but --distill-weight 0 never runs it")
+
+    monkeypatch.setattr(calora_cli.distill, "load_teacher", no_teacher)
+    train = ["--data", small_text, "--steps", "2", "--batch-size", "2", "--seq-len", "32", "--lr", "1e-2", "--json"]
+    plain = _ok(cli("sparsify-adapter", deep_lora, "--base", pruned_deep, "-o", tmp_path / "plain", *train))
+    zero = _ok(cli("sparsify-adapter", deep_lora, "--base", pruned_deep, "-o", tmp_path / "zero", *train,
+                   "--distill-from", deep_base, "--distill-weight", "0"))
+    assert zero["first_loss"] == plain["first_loss"]
+
+
 def test_distillation_from_the_dense_model_changes_the_training(cli, deep_base, pruned_deep, deep_lora, small_text, tmp_path):
     train = ["--data", small_text, "--steps", "2", "--batch-size", "2", "--seq-len", "32", "--lr", "1e-2", "--json"]
     plain = _ok(cli("sparsify-adapter", deep_lora, "--base", pruned_deep, "-o", tmp_path / "plain", *train))

@@ -65,10 +65,8 @@ def recover(adapter: Path, base: Path, teacher: Path, teacher_adapter: Path, dat
         check_fits(a, m, opts)
     check_descends(base_art, t_art, "compressed from the teacher", opts)
     examples = load_examples(data, load_tokenizer(base_art.path), cfg.seq_len)
-    # the teacher is resident only when the loss uses it live: with --cache-teacher it is read
-    # layer by layer, and with --distill-weight 0 (inheritance only) it is never run at all
-    cached = spec.cache_teacher and spec.distill_weight > 0
-    live = spec.distill_weight > 0 and not cached
+    use = spec.teacher_use(spec.cache_teacher)
+    live, cached = use == "live", use == "cached"
     check_training_memory("recover (student and teacher)" if live else "recover", [base_art, t_art] if live else [base_art],
                           opts.dtype, cfg.batch_size, cfg.seq_len)
 

@@ -172,8 +172,9 @@ def _train_masked(base_art, ad_art, data: Path, cfg: TrainConfig, losa: LosaSpec
     from calora_cli.train import causal_lm_loss, train_loop
 
     examples = load_examples(data, load_tokenizer(base_art.path), cfg.seq_len)
-    cached = teacher is not None and losa.cache_teacher and losa.distill.distill_weight > 0
-    resident = [base_art] + ([teacher] if teacher is not None and not cached else [])
+    use = losa.distill.teacher_use(losa.cache_teacher) if teacher is not None else None
+    cached = use == "cached"
+    resident = [base_art] + ([teacher] if use == "live" else [])
     check_training_memory("sparsify-adapter", resident, opts.dtype, cfg.batch_size, cfg.seq_len)
     seed_everything(cfg.seed)
     model = load_model(base_art.path, opts.device, opts.dtype, shardable=True)
@@ -192,7 +193,7 @@ def _train_masked(base_art, ad_art, data: Path, cfg: TrainConfig, losa: LosaSpec
     if cached:
         loss_fn = make_loss(None, losa.distill, cache_teacher(teacher, ad_art, examples, losa.distill, cfg.batch_size, opts))
     elif teacher is not None:
-        loss_fn = make_loss(load_teacher(teacher, ad_art, opts), losa.distill)
+        loss_fn = make_loss(load_teacher(teacher, ad_art, opts) if use == "live" else None, losa.distill)
     with progress("losa", cfg.steps, opts.show_progress) as advance:
         metrics.update(train_loop(model, model.parameters(), batches(examples, cfg.batch_size, cfg.seed, with_index=cached),
                                   cfg, loss_fn=loss_fn, on_step=advance))
