@@ -1,8 +1,12 @@
 """Results of `make ca-lora-compensate`: per compressed base, each arm's held-out perplexity,
 SocialIQa and QuaRTz acc / acc_norm, and the wall time of what the arm adds. A trained arm run with
 several seeds shows mean ± sample std over the seeds that have finished (n in the label); an arm
-with none yet shows "–" (make requires every file; run the script by hand on a grid in progress)."""
+with none yet shows "–" (make requires every file; run the script by hand on a grid in progress).
 
+    compensate_table.py ROOT BASES RANKS TRAINED SEEDS [OUT.png]   # table; plot + its data (OUT.json)
+    compensate_table.py --plot RECORD.json OUT.png                 # the plot again from its data"""
+
+import json
 import statistics
 import sys
 from pathlib import Path
@@ -46,6 +50,16 @@ def seconds(paths: list[Path]) -> str:
     return f"{s:.0f} s" if s < 120 else f"{s / 60:.1f} min"
 
 
+def record(root: Path, bases: list[str], ranks: list[str], trained: set[str], seeds: list[str]) -> dict:
+    """What the plot draws, as plain data: the arm-1 perplexity, and per base each arm's perplexity
+    per finished seed. A run writes it beside its table; a results page that gathers runs from
+    several machines keeps one assembled by hand from those runs' tables (docs/results/)."""
+    return {"original": load(root / "mc-original.json")["perplexity"],
+            "bases": {b: [{"arm": label, "perplexity": [r["perplexity"] for r in finished(paths)]}
+                          for label, paths, _ in arms(root, b, ranks, b in trained, seeds)[1:]]  # no-LoRA base: off scale
+                      for b in bases}}
+
+
 def main(root: str, bases: str, ranks: str, trained: str, seeds: str, png: str | None = None) -> None:
     root, bases, ranks, trained, seeds = Path(root), bases.split(), ranks.split(), set(trained.split()), seeds.split()
     original = load(root / "mc-original.json")
@@ -62,30 +76,35 @@ def main(root: str, bases: str, ranks: str, trained: str, seeds: str, png: str |
             print(f"| {label}{n} | {ppl} | {mc(results, 'socialiqa')} | {mc(results, 'quartz')} | {seconds(timing)} |")
         print()
     if png:
-        plot(root, bases, ranks, trained, seeds, original["perplexity"], Path(png))
+        data = record(root, bases, ranks, trained, seeds)
+        Path(png).with_suffix(".json").write_text(json.dumps(data, indent=1) + "\n")
+        plot(data, Path(png))
 
 
-def plot(root, bases, ranks, trained, seeds, original, out):
-    """Grouped bars per base, one per arm (trained arms: mean over seeds, sample std as error bar)."""
+def plot(data: dict, out: Path) -> None:
+    """Grouped bars per base, one per arm (several seeds: their mean, sample std as error bar)."""
     plt = pyplot(out)
     if plt is None:
         return
-    per_base = {b: arms(root, b, ranks, b in trained, seeds)[1:] for b in bases}  # the no-LoRA base is off scale
-    labels = max(([a[0] for a in rows] for rows in per_base.values()), key=len)
+    bases = list(data["bases"])
+    labels = max(([a["arm"] for a in rows] for rows in data["bases"].values()), key=len)
     fig, ax = plt.subplots(figsize=(9, 4))
     width = 0.8 / len(labels)
     for k, label in enumerate(labels):
         xs, heights, errors = [], [], []
         for i, b in enumerate(bases):
-            results = next((finished(p) for lab, p, _ in per_base[b] if lab == label), [])
-            if results:
-                m, s = mean_std([r["perplexity"] for r in results])
+            values = next((a["perplexity"] for a in data["bases"][b] if a["arm"] == label), [])
+            if values:
+                m, s = mean_std(values)
                 xs.append(i + k * width), heights.append(m), errors.append(s)
         ax.bar(xs, heights, width, yerr=errors if any(errors) else None, capsize=2, label=label)
-    ax.axhline(original, color="black", linestyle="--", label="1. original + original LoRA")
+    ax.axhline(data["original"], color="black", linestyle="--", label="1. original + original LoRA")
     ax.set_ylim(min(b.get_height() for b in ax.patches) * 0.95, None)
-    finish_bars(ax, fig, bases, len(labels), width, out)
+    finish_bars(ax, fig, [data.get("names", {}).get(b, b) for b in bases], len(labels), width, out)
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    if sys.argv[1:2] == ["--plot"]:  # compensate_table.py --plot RECORD.json OUT.png
+        plot(load(Path(sys.argv[2])), Path(sys.argv[3]))
+    else:
+        main(*sys.argv[1:])

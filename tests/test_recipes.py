@@ -116,3 +116,10 @@ def test_compensate_table_averages_the_seeds_that_finished(tmp_path, capsys):
     assert "10.0 min" in rows["5. CA-LoRA (inherit + recover) (n = 2 seeds)"]
     assert rows["4. inherited, trained further (n = 0 seeds)"].count("–") == 4
     assert "38.00" in rows["3. inherited + compensation rank 16, no training"]
+    # the plot's data: every finished seed's own value, arms without any kept as empty
+    data = compensate_table.record(tmp_path, ["b"], ["16"], {"b"}, ["0", "1", "2"])
+    assert data["original"] == 30.0
+    arms = {a["arm"]: a["perplexity"] for a in data["bases"]["b"]}
+    assert arms["5. CA-LoRA (inherit + recover)"] == [36.0, 37.0]
+    assert arms["4. inherited, trained further"] == [] and arms["2. compressed + original LoRA as-is"] == [40.0]
+    assert "compressed model, no LoRA" not in arms
