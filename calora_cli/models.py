@@ -38,7 +38,7 @@ def load_model(path: Path, device: str = "cpu", dtype: str = "float32", shardabl
         config = None  # from_pretrained reports the missing or unreadable config
     if config is not None:
         check_supported(config, path)
-    import_stack()
+    import_stack(gptq=((config or {}).get("quantization_config") or {}).get("quant_method") == "gptq")
     dev = resolve_device(device)
     if shardable and sharded():
         from calora_cli.sharded_load import skeleton

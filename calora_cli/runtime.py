@@ -52,6 +52,7 @@ def resolve_device(name: str) -> "torch.device":
 
 
 _STACK_READY = False
+_GPTQ_READY = False
 
 
 @contextlib.contextmanager
@@ -70,17 +71,23 @@ def library_chatter_hidden() -> Iterator[None]:
         yield
 
 
-def import_stack() -> None:
-    """Import the ML stack once, quietly."""
-    global _STACK_READY
+def import_stack(gptq: bool = False) -> None:
+    """Import the ML stack once, quietly; with `gptq`, also the GPTQ kernels' package.
+
+    gptqmodel is imported only for a GPTQ model that transformers or peft will build layers for:
+    it costs seconds of every command's start, and at import it wraps safetensors' save_file in a
+    global lock that would serialize calora's threaded shard writers. Imported here, its banner and
+    logs are hidden; transformers and peft then find it already imported."""
+    global _STACK_READY, _GPTQ_READY
+    if gptq and not _GPTQ_READY:
+        with library_chatter_hidden(), contextlib.suppress(Exception):
+            import gptqmodel  # noqa: F401
+        _GPTQ_READY = True
     if _STACK_READY:
         return
     with library_chatter_hidden():
         import peft  # noqa: F401
         import transformers  # noqa: F401
-
-        with contextlib.suppress(Exception):
-            import gptqmodel  # noqa: F401
     from transformers.utils import logging
 
     logging.set_verbosity_error()

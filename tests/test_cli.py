@@ -25,6 +25,18 @@ def test_help_lists_every_command_without_importing_torch():
         assert c in out.stdout
 
 
+def test_a_dense_model_loads_without_the_gptq_package(tiny_base):
+    """gptqmodel costs seconds of start-up and locks safetensors' writer: only GPTQ models need it."""
+    code = (
+        "import sys\n"
+        "from calora_cli.models import load_model, load_tokenizer\n"
+        f"load_model({str(tiny_base)!r}); load_tokenizer({str(tiny_base)!r})\n"
+        "assert 'gptqmodel' not in sys.modules, 'a dense model imported gptqmodel'\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 0, out.stderr[-2000:]
+
+
 def test_python_dash_m_works():
     out = subprocess.run([sys.executable, "-m", "calora_cli", "--version"], capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.startswith("calora ")
