@@ -11,7 +11,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from tables import cell, finish_bars, load, mean_std, pyplot
+from tables import cell, load, mean_std, pyplot
 
 TRAINED = (("4. inherited, trained further", "inh", None),
            ("5. CA-LoRA (inherit + recover)", "calora", "calora"),
@@ -82,25 +82,41 @@ def main(root: str, bases: str, ranks: str, trained: str, seeds: str, png: str |
 
 
 def plot(data: dict, out: Path) -> None:
-    """Grouped bars per base, one per arm (several seeds: their mean, sample std as error bar)."""
+    """Grouped bars per base, one per arm (several seeds: their mean, sample std as error bar):
+    perplexity on the left; on the right the share of the base's gap (arm 2 - arm 1) won back,
+    which puts bases with gaps of 4 and 50 perplexity points on one scale."""
     plt = pyplot(out)
     if plt is None:
         return
     bases = list(data["bases"])
     labels = max(([a["arm"] for a in rows] for rows in data["bases"].values()), key=len)
-    fig, ax = plt.subplots(figsize=(9, 4))
+    fig, (ax, gap_ax) = plt.subplots(1, 2, figsize=(13, 4))
     width = 0.8 / len(labels)
     for k, label in enumerate(labels):
-        xs, heights, errors = [], [], []
+        xs, heights, errors, shares, share_errors = [], [], [], [], []
         for i, b in enumerate(bases):
-            values = next((a["perplexity"] for a in data["bases"][b] if a["arm"] == label), [])
-            if values:
-                m, s = mean_std(values)
-                xs.append(i + k * width), heights.append(m), errors.append(s)
-        ax.bar(xs, heights, width, yerr=errors if any(errors) else None, capsize=2, label=label)
+            arms_of_b = {a["arm"]: a["perplexity"] for a in data["bases"][b]}
+            values, as_is = arms_of_b.get(label, []), arms_of_b.get(labels[0], [])
+            if not values:
+                continue
+            m, s = mean_std(values)
+            gap = statistics.mean(as_is) - data["original"] if as_is else float("nan")
+            xs.append(i + k * width), heights.append(m)
+            errors.append(s if len(values) > 1 else float("nan"))  # one seed: no bar rather than a flat one
+            shares.append(100 * (statistics.mean(as_is) - m) / gap), share_errors.append(100 * errors[-1] / gap)
+        ax.bar(xs, heights, width, yerr=errors, capsize=2, label=label)
+        gap_ax.bar(xs, shares, width, yerr=share_errors, capsize=2)
     ax.axhline(data["original"], color="black", linestyle="--", label="1. original + original LoRA")
     ax.set_ylim(min(b.get_height() for b in ax.patches) * 0.95, None)
-    finish_bars(ax, fig, [data.get("names", {}).get(b, b) for b in bases], len(labels), width, out)
+    names = [data.get("names", {}).get(b, b).replace(" + ", " +\n") for b in bases]
+    gap_ax.axhline(100, color="black", linestyle="--")
+    for a in (ax, gap_ax):
+        a.set_xticks([i + width * (len(labels) - 1) / 2 for i in range(len(bases))], names)
+    ax.set_ylabel("held-out perplexity (lower is better)")
+    gap_ax.set_ylabel("% of the compression gap won back")
+    fig.legend(*ax.get_legend_handles_labels(), fontsize=8, loc="lower center", ncol=4, bbox_to_anchor=(0.5, -0.12))
+    fig.tight_layout()
+    fig.savefig(out, dpi=120, bbox_inches="tight")
 
 
 if __name__ == "__main__":

@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from helpers import DATA, REPO
 
 
@@ -123,3 +125,6 @@ def test_compensate_table_averages_the_seeds_that_finished(tmp_path, capsys):
     assert arms["5. CA-LoRA (inherit + recover)"] == [36.0, 37.0]
     assert arms["4. inherited, trained further"] == [] and arms["2. compressed + original LoRA as-is"] == [40.0]
     assert "compressed model, no LoRA" not in arms
+    pytest.importorskip("matplotlib")  # the recipes extra
+    compensate_table.plot(data, tmp_path / "p.png")
+    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
