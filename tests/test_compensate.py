@@ -184,3 +184,33 @@ def test_a_compensated_adapter_trains_masked_and_merges_keeping_the_zeros(cli, t
     assert s["mean_removed_energy"] > 0.5  # on a Wanda base the compensation sits on the pruned weights
     merged = _ok(cli("merge", wanda, "--adapter", tmp_path / "m", "-o", tmp_path / "merged", "--json"))
     assert merged["sparsity_after"] == merged["sparsity_before"] and merged["zeros_filled"] == 0
+
+
+def test_a_compensated_adapter_merges_into_dense_and_gptq_bases_like_any_lora(cli, tiny_base, bases, tmp_path):
+    """--compensate-all gives modules of two ranks (rank_pattern / alpha_pattern): the merge must
+    scale each by its own alpha. Folded into the pruned base (unmasked) it is the attached model
+    exactly; into the GPTQ base, dense, it is the attached model up to gptqmodel's float16 kernel,
+    and re-quantized it stays within the 4-bit merge's stated 2% of perplexity."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    lora = tmp_path / "qv"  # a LoRA on q and v only: the other five linears get the compensation alone
+    _ok(cli("train", tiny_base, "--data", TEXT, "--targets", "q_proj,v_proj", "--steps", "2", "--seq-len", "32",
+            "--batch-size", "2", "-o", lora, "--json"))
+    ids = torch.randint(3, 500, (2, 24), generator=torch.Generator().manual_seed(4))
+    for kind, atol in (("wanda", 1e-5), ("gptq", 5e-2)):
+        comp = tmp_path / f"c-{kind}"
+        _ok(cli("inherit", lora, "--base", bases / kind, "-o", comp, "--compensate", "4", "--teacher", tiny_base,
+                *CAL, "--compensate-all", "--json"))
+        config = json.loads((comp / "adapter_config.json").read_text())
+        assert set(config["rank_pattern"].values()) == {4} and config["r"] == 8 + 4  # q, v: r + 4; the rest 4
+        flags = ["--dense"] if kind == "gptq" else []
+        merged = _ok(cli("merge", bases / kind, "--adapter", comp, "-o", tmp_path / f"m-{kind}", *flags, "--json"))
+        assert merged["merged_modules"] == 7 * 2  # every linear of both blocks, compensated
+        attached = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(bases / kind, device_map="cpu"), comp).eval()
+        folded = AutoModelForCausalLM.from_pretrained(tmp_path / f"m-{kind}").eval()
+        torch.testing.assert_close(_logits(folded, ids), _logits(attached, ids), rtol=0, atol=atol)
+    requant = _ok(cli("merge", bases / "gptq", "--adapter", tmp_path / "c-gptq", "-o", tmp_path / "q", "--json"))
+    assert requant["merged_modules"] == 14
+    ppl = {m: _ok(cli("eval", tmp_path / m, "--ppl", TEXT, "--seq-len", "64", "--json"))["perplexity"] for m in ("m-gptq", "q")}
+    assert abs(ppl["q"] / ppl["m-gptq"] - 1) < 0.02
