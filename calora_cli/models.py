@@ -38,7 +38,8 @@ def load_model(path: Path, device: str = "cpu", dtype: str = "float32", shardabl
         config = None  # from_pretrained reports the missing or unreadable config
     if config is not None:
         check_supported(config, path)
-    import_stack(gptq=((config or {}).get("quantization_config") or {}).get("quant_method") == "gptq")
+    quantization = (config or {}).get("quantization_config") or {}
+    import_stack(gptq=quantization.get("quant_method") == "gptq")
     dev = resolve_device(device)
     if shardable and sharded():
         from calora_cli.sharded_load import skeleton
@@ -53,7 +54,7 @@ def load_model(path: Path, device: str = "cpu", dtype: str = "float32", shardabl
                 trust_remote_code=False,
                 local_files_only=True,
                 device_map={"": str(dev)},
-                **gptq_kernel(path, dev, dtype),
+                **gptq_kernel(quantization, dev, dtype),
             )
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -67,8 +68,9 @@ def load_model(path: Path, device: str = "cpu", dtype: str = "float32", shardabl
     return model
 
 
-def gptq_kernel(path: Path, dev: "torch.device", dtype: str) -> dict:
-    """from_pretrained arguments that pick the GPTQ kernel on CUDA (none elsewhere, or for other models).
+def gptq_kernel(q: dict, dev: "torch.device", dtype: str) -> dict:
+    """from_pretrained arguments that pick the GPTQ kernel on CUDA (none elsewhere, or for other
+    models), from the model's quantization_config `q`.
 
     gptqmodel's automatic choice on a GPU is Marlin, which takes float16 inputs only and cannot be
     trained through, so `recover`/`train` on a GPTQ base and float32 `eval` would fail. Every stage
@@ -79,10 +81,6 @@ def gptq_kernel(path: Path, dev: "torch.device", dtype: str) -> dict:
         return {}
     from transformers import GPTQConfig
 
-    try:
-        q = json.loads((Path(path) / "config.json").read_text()).get("quantization_config") or {}
-    except (OSError, ValueError):
-        return {}  # from_pretrained reports the unreadable config
     if q.get("quant_method") != "gptq":
         return {}
     backend = "gptq_torch" if dtype == "float32" else "auto_trainable"

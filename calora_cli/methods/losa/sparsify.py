@@ -190,10 +190,9 @@ def _train_masked(base_art, ad_art, data: Path, cfg: TrainConfig, losa: LosaSpec
     model = load_adapter(model, source, trainable=True)
     apply_masks(model)
     loss_fn = causal_lm_loss
-    if cached:
-        loss_fn = make_loss(None, losa.distill, cache_teacher(teacher, ad_art, examples, losa.distill, cfg.batch_size, opts))
-    elif teacher is not None:
-        loss_fn = make_loss(load_teacher(teacher, ad_art, opts) if use == "live" else None, losa.distill)
+    if teacher is not None:
+        loss_fn = make_loss(load_teacher(teacher, ad_art, opts) if use == "live" else None, losa.distill,
+                            cache_teacher(teacher, ad_art, examples, losa.distill, cfg.batch_size, opts) if cached else None)
     with progress("losa", cfg.steps, opts.show_progress) as advance:
         metrics.update(train_loop(model, model.parameters(), batches(examples, cfg.batch_size, cfg.seed, with_index=cached),
                                   cfg, loss_fn=loss_fn, on_step=advance))
