@@ -18,9 +18,12 @@ def rss(field: str = "VmHWM") -> int:
     return int(line.split()[1]) * 1024
 
 
-def run_child(script: str, *args: str) -> dict:
-    """Run `script --child ARGS` in a fresh interpreter; it prints one JSON line last."""
+def run_child(script: str, *args: str, pythonpath: str | None = None) -> dict:
+    """Run `script --child ARGS` in a fresh interpreter; it prints one JSON line last. `pythonpath`:
+    import calora from that checkout instead (to run an older version side by side)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    if pythonpath:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [pythonpath, env.get("PYTHONPATH")]))
     r = subprocess.run([sys.executable, script, "--child", *args], capture_output=True, text=True, env=env)
     if r.returncode:
         sys.exit(f"{args[0]} failed:\n{r.stderr[-2000:]}")

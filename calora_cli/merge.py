@@ -27,7 +27,7 @@ from calora_cli.artifacts import (
 from calora_cli.errors import CaloraError
 from calora_cli.progress import progress
 from calora_cli.run import RunOptions, check_fits
-from calora_cli.tensor_io import ShardReader, dtype_code, tensor_names, write_tensors
+from calora_cli.tensor_io import ReadBuffers, ShardReader, dtype_code, tensor_names, write_tensors
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +70,7 @@ class _Folder:
 
     def __init__(self, plan: dict, keep: bool, advance):
         self.plan, self.keep, self.advance = plan, keep, advance
+        self._work = ReadBuffers(slots=1)  # the float32 copy of a half-precision layer, reused
         self.stats = {"merged_modules": 0, "zeros_before": 0, "zeros_after": 0, "elements": 0,
                       "requant_error": 0.0, "delta_kept": 0.0, "requantized": 0}
 
@@ -102,13 +103,17 @@ class _Folder:
         # count_nonzero: several times faster than summing a (W == 0) mask on big layers
         zeros = W.numel() - int(torch.count_nonzero(W))
         zero = (W == 0) if self.keep and zeros else None  # taken before W changes (float32 W is updated in place)
-        # W is this merge's own copy: each adapter's product accumulates into it, no delta is materialized
-        new = W.float()
+        # W is this merge's own copy: each adapter's product accumulates into it (float32 W in place,
+        # others in a float32 buffer kept for the next layer), no delta is materialized
+        if W.dtype == torch.float32:
+            new = W
+        else:
+            new = self._work.take(4 * W.numel()).view(torch.float32).view(W.shape).copy_(W)
         for w, f in self._factors(module, W):
             f.add_to(new, w)
         if zero is not None:
             new.masked_fill_(zero, 0)
-        new = new.to(W.dtype)
+        new = W.copy_(new)  # rounds as .to(W.dtype) does, into memory already there
         self.count(zeros, new)
         return new
 
@@ -166,6 +171,7 @@ def _merge_shard(src: Path, dst: Path, folder: _Folder, gptq: Gptq | None, dense
         entries.append((n, header[n]["dtype"], header[n]["shape"]))
 
     done: dict[str, dict] = {}
+    buffers = ReadBuffers()  # each tensor read is written before the read after next, as ReadBuffers needs
     with ShardReader(src) as f:
 
         def parts(module: str) -> dict:
@@ -186,8 +192,8 @@ def _merge_shard(src: Path, dst: Path, folder: _Folder, gptq: Gptq | None, dense
                     done[module] = folder.requantized(module, parts(module), gptq)
                 return done[module].pop(part)
             if part == "weight" and module in folder.plan:
-                return folder.dense(module, f.get_tensor(name))
-            return f.raw(name)  # unchanged: copied in chunks, never held whole
+                return folder.dense(module, f.get_tensor(name, buffers))
+            return f.raw(name, buffers)  # unchanged: copied in chunks, never held whole
 
         return write_tensors(dst, entries, produce, header.get("__metadata__"), hashed=True)
 
@@ -205,7 +211,8 @@ def _merge_shards(base_art, tmp: Path, plan: dict, keep: bool, advance, gptq: Gp
 
     shards = list(base_art.weights)
     folders = [_Folder(plan, keep, advance) for _ in shards]
-    with ThreadPoolExecutor(max_workers=max(1, min(SHARD_WORKERS, len(shards)))) as pool:
+    workers = max(1, min(SHARD_WORKERS, len(shards)))
+    with ThreadPoolExecutor(max_workers=workers) as pool:
         futures = [pool.submit(_merge_shard, shard, tmp / shard.relative_to(base_art.path), f, gptq, dense, dense_dtype)
                    for shard, f in zip(shards, folders)]
         try:

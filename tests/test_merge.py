@@ -237,3 +237,77 @@ def test_sparsified_adapter_is_deterministic(cli, pruned_base, tiny_lora, tmp_pa
         _ok(cli("sparsify-adapter", tiny_lora, "--base", pruned_base, "-o", tmp_path / run, "--json"))
     for name in ("masks.safetensors", "calora.json", "adapter_model.safetensors"):
         assert len({(tmp_path / r / name).read_bytes() for r in "abc"}) == 1, name
+
+
+def test_reused_read_buffers_hash_and_copy_every_byte_even_when_hashing_lags(tmp_path, monkeypatch):
+    """merge reads each tensor into one of two buffers it reuses, while the writer hashes the last
+    one on another thread: a buffer must not be overwritten before its hash is taken. A hash made
+    slow on purpose would catch a writer that let two buffers wait (the file's bytes are right,
+    its recorded hash is not)."""
+    import hashlib
+    import time
+
+    from calora_cli import tensor_io
+    from calora_cli.artifacts import file_sha256
+
+    g = torch.Generator().manual_seed(0)
+    src_tensors = {f"t{i}": torch.randn(64 + 8 * i, 32, generator=g) for i in range(7)}
+    src_tensors["empty"] = torch.empty(0, 32)
+    src = tmp_path / "src.safetensors"
+    save_file(src_tensors, src)
+
+    real_sha256 = hashlib.sha256  # tensor_io.hashlib is hashlib itself
+
+    class SlowSha256:
+        def __init__(self):
+            self.h = real_sha256()
+
+        def update(self, buf):
+            time.sleep(0.02)  # the reader races ahead meanwhile
+            self.h.update(buf)
+
+        def hexdigest(self):
+            return self.h.hexdigest()
+
+    monkeypatch.setattr(tensor_io.hashlib, "sha256", SlowSha256)
+    monkeypatch.setattr(tensor_io.ShardReader, "CHUNK", 1024)  # raw copies come in many chunks
+    buffers = tensor_io.ReadBuffers()
+    names = tensor_io.tensor_names(src)
+    header = tensor_io.read_safetensors_header(src)
+    entries = [(n, header[n]["dtype"], header[n]["shape"]) for n in names]
+    dst = tmp_path / "dst.safetensors"
+    with tensor_io.ShardReader(src) as f:
+        # every other tensor whole (into a buffer), the rest as raw chunks (into the same buffers)
+        digest = tensor_io.write_tensors(
+            dst, entries, lambda n: f.get_tensor(n, buffers) if names.index(n) % 2 else f.raw(n, buffers), hashed=True)
+    monkeypatch.undo()
+    assert digest == file_sha256(dst)
+    out = load_file(dst)
+    assert set(out) == set(src_tensors) and all(torch.equal(out[k], v) for k, v in src_tensors.items())
+
+
+def test_bf16_base_merges_in_float32_and_stays_bf16(cli, tiny_base, tiny_lora, tmp_path):
+    """Half-precision layers are merged in a float32 buffer reused from layer to layer and rounded
+    back: the output must equal W + delta computed in float32 and rounded once, layer by layer."""
+    from transformers import AutoModelForCausalLM
+
+    from calora_cli.adapters import factors
+    from calora_cli.artifacts import open_artifact
+
+    bf16 = tmp_path / "bf16"
+    AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.bfloat16).save_pretrained(bf16, max_shard_size="200KB")
+    for f in tiny_base.iterdir():
+        if f.name.startswith("tokenizer"):
+            shutil.copy2(f, bf16 / f.name)
+    _ok(cli("merge", bf16, "--adapter", tiny_lora, "-o", tmp_path / "m", "--json", "--allow-base-mismatch"))
+    base, ours = _linears(bf16), _linears(tmp_path / "m")
+    plan = factors(open_artifact(tiny_lora))
+    assert set(ours) == set(base) and all(v.dtype == torch.bfloat16 for v in ours.values())
+    for name, W in base.items():
+        module = name.removesuffix(".weight")
+        ref = (W.float() + plan[module].delta()).to(torch.bfloat16) if module in plan else W
+        # float32 sums in another order may land a hair either side of a bf16 rounding boundary
+        mismatched = (ours[name] != ref).float().mean().item()
+        assert mismatched < 0.01, (name, mismatched)
+        torch.testing.assert_close(ours[name].float(), ref.float(), rtol=8e-3, atol=1e-6)
+    assert sum(module.removesuffix(".weight") in plan for module in base) == 14
