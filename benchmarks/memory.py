@@ -1,5 +1,6 @@
 """Peak memory against model size: compress (each pruning family, GPTQ, joint prune + GPTQ), eval
-(whole, streamed, streamed on the GPTQ output), the teacher pass, merge and info --verify.
+(whole, streamed, streamed on the GPTQ output, lm-eval on the streamed model), the teacher pass,
+merge and info --verify.
 
 Builds Llama models of about --sizes GB (random weights, sharded, --dtype float32 or bfloat16), a
 rank-16 LoRA for each, and runs every stage in a fresh process, reading its peak resident set
@@ -25,8 +26,8 @@ from measure import rss, run_child
 
 REPO = Path(__file__).resolve().parents[1]
 TEXT = REPO.parent / "shared" / "data" / "shakespeare" / "plays" / "histories--richard-ii.txt"
-STAGES = ("magnitude", "wanda", "sparsegpt", "gptq", "wanda-gptq", "eval", "eval-stream", "eval-gptq", "teacher",
-          "merge", "verify")
+STAGES = ("magnitude", "wanda", "sparsegpt", "gptq", "wanda-gptq", "eval", "eval-stream", "eval-gptq", "harness-stream",
+          "teacher", "merge", "verify")
 
 
 def build(root: Path, size_gb: float, dtype: str = "float32") -> tuple[Path, Path]:
@@ -68,6 +69,9 @@ def child(stage: str, base: Path, lora: Path, out: Path) -> None:
         compress_model(base, out, CompressSpec("wanda", 0.5, then="gptq", bits=4, group_size=128, **calib), opts)
     elif stage in ("eval", "eval-stream"):
         evaluate(base, opts, ppl_file=short, seq_len=256, stream=stage == "eval-stream")
+    elif stage == "harness-stream":  # lm-eval's multiple choice (the shipped SocialIQa items) on the streamed model
+        evaluate(base, opts, harness=["socialiqa_local"], harness_include=REPO / "recipes" / "tasks", limit=24,
+                 seq_len=256, stream=True)
     elif stage == "eval-gptq":  # the "gptq" stage's output, read layer by layer
         evaluate(out.with_name("out-gptq"), opts, ppl_file=short, seq_len=256, stream=True)
     elif stage == "teacher":  # recover/sparsify-adapter --cache-teacher: the teacher + LoRA in one streamed pass

@@ -75,3 +75,64 @@ def test_a_task_that_needs_a_download_is_one_line(cli, tiny_base, tmp_path):
     assert not out.exists()
     line = one_line_error(cli("eval", tiny_base, "--harness", "no_such_task"))
     assert "unknown --harness task 'no_such_task'" in line
+
+
+def test_streamed_harness_scores_what_lm_eval_scores_on_the_whole_model(cli, tiny_base, tiny_lora):
+    """--stream hands lm-eval a model read one decoder layer at a time (one pass per task and request
+    kind, the hidden states spilled to disk past a tiny bound): the same accuracies and rolling
+    perplexity as lm-eval's own wrapper on the whole model."""
+    args = ["--adapter", tiny_lora, "--limit", "30", "--seq-len", "96", "--batch-size", "3", "--json",
+            "--harness", "socialiqa_local,quartz_local,richard_ii_rolling", "--harness-include", TASKS]
+    whole = _ok(cli("eval", tiny_base, *args, "--no-stream"))
+    streamed = _ok(cli("eval", tiny_base, *args, "--stream", "--activation-memory", "0.0005"))
+    assert streamed["streamed"] and "streamed" not in whole
+    for task in ("socialiqa_local", "quartz_local"):
+        w, s = whole["harness"][task], streamed["harness"][task]
+        assert s["n"] == w["n"] == 30
+        assert s["acc"] == w["acc"] and s["acc_norm"] == w["acc_norm"], task
+    w, s = whole["harness"]["richard_ii_rolling"], streamed["harness"]["richard_ii_rolling"]
+    for metric in ("word_perplexity", "byte_perplexity", "bits_per_byte"):
+        assert s[metric] == pytest.approx(w[metric], rel=1e-5), metric
+
+
+def test_streamed_scoring_equals_hflm_request_by_request(tiny_base):
+    """Log-prob and greedy flag of each (context, continuation), including contexts cut from the left
+    and one-token continuations, against HFLM's _loglikelihood_tokens on the same model."""
+    import torch
+    from lm_eval.models.huggingface import HFLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from calora_cli.evaluation.harness import score_continuations
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_base).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_base)
+    g = torch.Generator().manual_seed(0)
+    pairs = [(torch.randint(3, 500, (int(n_ctx),), generator=g).tolist(), torch.randint(3, 500, (int(n_cont),), generator=g).tolist())
+             for n_ctx, n_cont in [(5, 1), (40, 3), (70, 9), (2, 30), (63, 1), (90, 20)]]
+    # a continuation that is the model's own greedy choice, so the flag is tested both ways
+    with torch.no_grad():
+        pairs.append((pairs[0][0], [int(model(torch.tensor([pairs[0][0]])).logits[0, -1].argmax())]))
+    hf = HFLM(pretrained=model, tokenizer=tok, batch_size=2, max_length=48)
+    theirs = hf._loglikelihood_tokens([(None, c, x) for c, x in pairs], disable_tqdm=True)
+
+    def logits_for(batches):
+        with torch.no_grad():
+            for k, b in enumerate(batches):
+                yield k, model(**b).logits
+
+    ours = score_continuations(pairs, logits_for, batch_size=3, max_length=48)
+    assert [g for _, g in ours] == [g for _, g in theirs] and ours[-1][1]
+    assert [lp for lp, _ in ours] == pytest.approx([lp for lp, _ in theirs], rel=1e-5, abs=1e-5)
+
+
+def test_a_generating_task_is_refused_in_one_line_when_streamed(tiny_base):
+    from types import SimpleNamespace
+
+    from transformers import AutoTokenizer
+
+    from calora_cli.errors import CaloraError
+    from calora_cli.evaluation.harness import streamed_lm
+
+    lm = streamed_lm(lambda batches: iter(()), AutoTokenizer.from_pretrained(tiny_base), 2, 64)
+    with pytest.raises(CaloraError, match="task gsm8k generates text.*without --stream"):
+        lm.generate_until([SimpleNamespace(task_name="gsm8k", args=("2+2=", {}))])

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Callable
 
 from calora_cli.errors import CaloraError
 
@@ -53,14 +54,102 @@ def check_tasks(tasks: list[str], include: Path | None):
     return manager
 
 
-def run(model, tokenizer, tasks: list[str], manager, num_fewshot: int | None, limit: int | None, batch_size: int,
-        max_length: int, seed: int) -> dict:
+def resident_lm(model, tokenizer, batch_size: int, max_length: int):
+    """lm-eval's own Hugging Face wrapper around the assembled model."""
+    _, HFLM, _ = _lm_eval()
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return HFLM(pretrained=inner, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
+
+
+def score_continuations(pairs: list[tuple[list[int], list[int]]], logits_for: Callable, batch_size: int,
+                        max_length: int) -> list[tuple[float, bool]]:
+    """(summed log-prob, greedy) of each continuation after its context, as lm-eval's HFLM scores
+    it: the input is (context + continuation) cut to max_length + 1 tokens from the left, less its
+    last token, right-padded with 0 and no attention mask (a causal model's real positions do not
+    see the padding), longest first in batches. `logits_for(batches)` yields (batch index, logits)
+    for every batch: all of them in one streamed pass."""
+    import torch
+
+    order = sorted(range(len(pairs)), key=lambda i: -(len(pairs[i][0]) + len(pairs[i][1])))
+    batches, plan = [], []
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
+        inputs = [(pairs[i][0] + pairs[i][1])[-(max_length + 1):][:-1] for i in rows]
+        x = torch.zeros((len(rows), max(map(len, inputs))), dtype=torch.long)  # [batch, longest input]
+        for r, ids in enumerate(inputs):
+            x[r, :len(ids)] = torch.tensor(ids)
+        batches.append({"input_ids": x})
+        plan.append((rows, [len(ids) for ids in inputs]))
+    out: list = [None] * len(pairs)
+    for k, logits in logits_for(batches):
+        logp = torch.log_softmax(logits.float(), dim=-1)  # [batch, seq, vocab]
+        for r, (i, n) in enumerate(zip(*plan[k])):
+            cont = torch.tensor(pairs[i][1])
+            lp = logp[r, n - len(cont):n]  # the positions that predict the continuation
+            out[i] = (float(lp.gather(-1, cont[:, None]).sum()), bool((lp.argmax(-1) == cont).all()))
+    return out
+
+
+def streamed_lm(logits_for: Callable, tokenizer, batch_size: int, max_length: int):
+    """An lm-eval model for a model read one decoder layer at a time: each of lm-eval's calls
+    (all of a task's requests) is one pass over the layers (`logits_for`). Tokenizing, empty
+    contexts and rolling windows are lm-eval's own (TemplateLM, its window helpers); the scoring
+    is HFLM's. Generation would need a pass per generated token, so it is refused."""
+    _lm_eval()
+    from lm_eval import utils
+    from lm_eval.api.model import TemplateLM
+    from lm_eval.models.utils import has_bos_prefix
+
+    class StreamedLM(TemplateLM):
+        backend = "causal"
+
+        def __init__(self):
+            super().__init__()
+            self.tokenizer = tokenizer
+
+        @property
+        def eot_token_id(self) -> int:
+            return tokenizer.eos_token_id
+
+        @property
+        def prefix_token_id(self) -> int:
+            return tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+
+        def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
+            special = {} if add_special_tokens is None else {"add_special_tokens": add_special_tokens}
+            if add_special_tokens is None and has_bos_prefix(string, tokenizer.decode(self.prefix_token_id)):
+                special = {"add_special_tokens": False}
+            return tokenizer.encode(string, **special)
+
+        def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs):
+            return score_continuations([(ctx, cont) for _, ctx, cont in requests], logits_for, batch_size, max_length)
+
+        def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+            windows, owner = [], []
+            for i, req in enumerate(requests):
+                for ctx, cont in map(utils.make_disjoint_window, utils.get_rolling_token_windows(
+                        token_list=self.tok_encode(req.args[0]), prefix_token=self.prefix_token_id,
+                        max_seq_len=max_length, context_len=1)):
+                    windows.append((ctx, cont))
+                    owner.append(i)
+            totals = [0.0] * len(requests)
+            for i, (lp, _) in zip(owner, score_continuations(windows, logits_for, batch_size, max_length)):
+                totals[i] += lp
+            return totals
+
+        def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+            task = next((r.task_name for r in requests if getattr(r, "task_name", None)), "this task")
+            raise CaloraError(f"--harness task {task} generates text, which a streamed model cannot do (a pass over "
+                              "every layer per token): evaluate it without --stream, on a machine that holds the model")
+
+    return StreamedLM()
+
+
+def run(lm, tasks: list[str], manager, num_fewshot: int | None, limit: int | None, seed: int) -> dict:
     """lm-eval's results per task: each metric and its stderr (lm-eval's names without ',none')."""
-    simple_evaluate, HFLM, _ = _lm_eval()
+    simple_evaluate, _, _ = _lm_eval()
     from calora_cli.runtime import library_chatter_hidden
 
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    lm = HFLM(pretrained=inner, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
     results = {}
     for task in tasks:  # one at a time, so the task whose data cannot be had is the one named
         try:

@@ -57,11 +57,11 @@ def evaluate(
     tokenizer = load_tokenizer(model_dir)
     quantized = bool(json.loads((model_art.path / "config.json").read_text()).get("quantization_config"))
     if stream is None:
-        stream = not quantized and not harness and resident_bytes(model_art, opts.dtype) > available_memory() // 2
+        stream = not quantized and resident_bytes(model_art, opts.dtype) > available_memory() // 2
     if stream:
-        if harness:
-            raise CaloraError("--harness hands lm-eval a whole model: it cannot run with --stream")
-        return _streamed(model_art, adapter_art, tokenizer, text, tasks, seq_len, stride, batch_size, activation_gb, opts)
+        lm_eval_args = (harness, manager, num_fewshot, limit) if harness else None
+        return _streamed(model_art, adapter_art, tokenizer, text, tasks, seq_len, stride, batch_size, activation_gb,
+                         lm_eval_args, opts)
     model = load_model(model_dir, opts.device, opts.dtype)
     if adapter_art is not None:
         model = adapters.attach(model, adapter_art)
@@ -83,13 +83,15 @@ def evaluate(
         result["tasks"][name] = {"acc": r.acc, "acc_norm": r.acc_norm, "n": r.n}
     if harness:
         with progress("lm-eval", None, opts.show_progress):
-            result["harness"] = bridge.run(model, tokenizer, harness, manager, num_fewshot, limit, batch_size, seq_len,
-                                           opts.seed)
+            lm = bridge.resident_lm(model, tokenizer, batch_size, seq_len)
+            result["harness"] = bridge.run(lm, harness, manager, num_fewshot, limit, opts.seed)
     return result
 
 
-def _streamed(model_art, adapter_art, tokenizer, text, tasks, seq_len, stride, batch_size, activation_gb, opts) -> dict:
-    """The same scores, each decoder layer read once per pass (a pass per text and per task)."""
+def _streamed(model_art, adapter_art, tokenizer, text, tasks, seq_len, stride, batch_size, activation_gb, lm_eval_args,
+              opts) -> dict:
+    """The same scores, each decoder layer read once per pass (a pass per text, per task, and per
+    lm-eval task and request kind). `lm_eval_args`: (tasks, manager, num_fewshot, limit) or None."""
     from calora_cli.evaluation import streamed
     from calora_cli.runtime import resolve_device, torch_dtype
     from calora_cli.streaming import LayerSource
@@ -110,6 +112,14 @@ def _streamed(model_art, adapter_art, tokenizer, text, tasks, seq_len, stride, b
             with progress(f"{name} (streamed)", n_layers, opts.show_progress) as advance:
                 r = streamed.accuracy(source, tokenizer, items, seq_len, patch, bound, on_layer=advance)
             result["tasks"][name] = {"acc": r.acc, "acc_norm": r.acc_norm, "n": r.n}
+        if lm_eval_args is not None:
+            from calora_cli.evaluation import harness as bridge
+
+            names, manager, num_fewshot, limit = lm_eval_args
+            with progress("lm-eval (streamed)", None, opts.show_progress):
+                lm = bridge.streamed_lm(lambda batches: streamed.logits_per_batch(source, batches, patch, bound), tokenizer,
+                                        batch_size, seq_len)
+                result["harness"] = bridge.run(lm, names, manager, num_fewshot, limit, opts.seed)
     finally:
         source.close()
     return result
