@@ -10,10 +10,11 @@ import pytest
 from helpers import DATA, REPO
 
 
-# The recipes' steps are independent processes whose time is mostly imports: two at a time on
-# 2 cores took the three smokes from 178 + 134 + 84 s (the last full run) to 78 + 70 + 56 s. The
-# Makefiles state every dependency, so any order is right.
-JOBS = int(os.environ.get("CALORA_RECIPE_JOBS", "2"))
+# Steps at a time for make. 1: the suite already runs on two pytest workers, one per core; two
+# steps at a time took the three smokes from 178 + 134 + 84 s to 78 + 70 + 56 s in a pytest of its
+# own, but inside the suite (beside the other worker) they took 165 + 142 + 117 s and the suite
+# 1184 s against 987 s. CALORA_RECIPE_JOBS=2 for a run of these tests alone.
+JOBS = int(os.environ.get("CALORA_RECIPE_JOBS", "1"))
 
 
 def make_recipe(target: str, **variables) -> None:
