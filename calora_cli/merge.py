@@ -211,8 +211,7 @@ def _merge_shards(base_art, tmp: Path, plan: dict, keep: bool, advance, gptq: Gp
 
     shards = list(base_art.weights)
     folders = [_Folder(plan, keep, advance) for _ in shards]
-    workers = max(1, min(SHARD_WORKERS, len(shards)))
-    with ThreadPoolExecutor(max_workers=workers) as pool:
+    with ThreadPoolExecutor(max_workers=max(1, min(SHARD_WORKERS, len(shards)))) as pool:
         futures = [pool.submit(_merge_shard, shard, tmp / shard.relative_to(base_art.path), f, gptq, dense, dense_dtype)
                    for shard, f in zip(shards, folders)]
         try:

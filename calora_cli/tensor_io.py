@@ -78,36 +78,42 @@ class ShardReader:
         lo, hi = self.header[name]["data_offsets"]
         return self.data_start + lo, hi - lo
 
+    def _dtype(self, name: str) -> "torch.dtype":
+        code = self.header[name]["dtype"]
+        if code not in _torch_dtypes():
+            raise CaloraError(f"{self.path}: tensor {name} has dtype {code}, which calora does not read")
+        return _torch_dtypes()[code]
+
     def get_tensor(self, name: str, buffers: "ReadBuffers | None" = None) -> "torch.Tensor":
         """The tensor, in memory of its own, or with `buffers` in the next of their reused buffers."""
         import torch
 
-        info = self.header[name]
-        dtype = _torch_dtypes().get(info["dtype"])
-        if dtype is None:
-            raise CaloraError(f"{self.path}: tensor {name} has dtype {info['dtype']}, which calora does not read")
+        info, dtype = self.header[name], self._dtype(name)
         start, size = self._span(name)
         expected = dtype.itemsize * math.prod(info["shape"])
         if expected != size:
             raise CaloraError(f"corrupt safetensors file {self.path}: tensor {name} holds {size} bytes, its shape needs {expected}")
         if size == 0:
             return torch.empty(info["shape"], dtype=dtype)
-        # torch.empty, not bytearray: no zero-filling of memory that the read overwrites anyway
+        return self._read(name, start, size, buffers).view(dtype).reshape(info["shape"])
+
+    def _read(self, name: str, start: int, size: int, buffers: "ReadBuffers | None" = None) -> "torch.Tensor":
+        """size bytes from start, as a uint8 tensor: in memory of its own (torch.empty, not a
+        bytearray: no zero-filling of memory the read overwrites anyway) or in the next of `buffers`."""
+        import torch
+
         buf = torch.empty(size, dtype=torch.uint8) if buffers is None else buffers.take(size)
         self.file.seek(start)
         if self.file.readinto(memoryview(buf.numpy())) != size:
             raise CaloraError(f"corrupt safetensors file {self.path}: tensor {name} is cut short")
-        return buf.view(dtype).reshape(info["shape"])
+        return buf
 
     def get_rows(self, name: str, lo: int, hi: int) -> "torch.Tensor":
         """Rows lo:hi (first dimension) of a tensor, reading only their bytes: a process loading
         its shard of a model reads its slice of each tensor, never the whole."""
         import torch
 
-        info = self.header[name]
-        dtype = _torch_dtypes().get(info["dtype"])
-        if dtype is None:
-            raise CaloraError(f"{self.path}: tensor {name} has dtype {info['dtype']}, which calora does not read")
+        info, dtype = self.header[name], self._dtype(name)
         shape = info["shape"]
         start, size = self._span(name)
         row = dtype.itemsize * math.prod(shape[1:])
@@ -116,11 +122,7 @@ class ShardReader:
         want = (hi - lo) * row
         if want == 0:
             return torch.empty([hi - lo, *shape[1:]], dtype=dtype)
-        buf = bytearray(want)
-        self.file.seek(start + lo * row)
-        if self.file.readinto(buf) != want:
-            raise CaloraError(f"corrupt safetensors file {self.path}: tensor {name} is cut short")
-        return torch.frombuffer(buf, dtype=dtype).reshape([hi - lo, *shape[1:]])
+        return self._read(name, start + lo * row, want).view(dtype).reshape([hi - lo, *shape[1:]])
 
     def raw(self, name: str, buffers: "ReadBuffers | None" = None) -> Iterator:
         """The tensor's bytes, in chunks, for copying it unchanged (read into `buffers` in turn when given)."""
