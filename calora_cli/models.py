@@ -102,7 +102,7 @@ def load_tokenizer(path: Path) -> "PreTrainedTokenizerBase":
 
 def load_adapter(model: "PreTrainedModel", path: Path, trainable: bool = False):
     """Attach a peft adapter saved on disk (safetensors only) to `model`."""
-    import_stack()
+    import_stack(gptq=True)  # peft's LoRA dispatch imports gptqmodel whatever the base: quietly, here
     from peft import PeftModel
 
     try:

@@ -74,9 +74,10 @@ def library_chatter_hidden() -> Iterator[None]:
 def import_stack(gptq: bool = False) -> None:
     """Import the ML stack once, quietly; with `gptq`, also the GPTQ kernels' package.
 
-    gptqmodel is imported only for a GPTQ model that transformers or peft will build layers for:
-    its import costs every command seconds of start-up and 0.15 GB of resident memory. Imported
-    here, its banner and logs are hidden; transformers and peft then find it already imported."""
+    gptqmodel is imported only for a GPTQ model that transformers or peft will build layers for,
+    and before peft builds LoRA layers (its LoRA dispatch imports gptqmodel for any base): its
+    import costs a command seconds of start-up and 0.15 GB of resident memory. Imported here, its
+    banner and logs are hidden; transformers and peft then find it already imported."""
     global _STACK_READY, _GPTQ_READY
     if gptq and not _GPTQ_READY:
         with library_chatter_hidden(), contextlib.suppress(Exception):

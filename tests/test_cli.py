@@ -37,6 +37,17 @@ def test_a_dense_model_loads_without_the_gptq_package(tiny_base):
     assert out.returncode == 0, out.stderr[-2000:]
 
 
+def test_attaching_a_lora_prints_no_library_banner(tiny_base, tiny_lora, small_text):
+    """peft imports gptqmodel when it builds LoRA layers on any base, and gptqmodel prints a banner on
+    import: a fresh `calora eval --adapter` must still leave stderr empty (quiet, JSON on stdout)."""
+    out = subprocess.run([sys.executable, "-m", "calora_cli", "eval", str(tiny_base), "--adapter", str(tiny_lora),
+                          "--ppl", str(small_text), "--seq-len", "64", "--json", "-q"],
+                         capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stderr.strip() == "", out.stderr[-2000:]
+    assert "perplexity" in json.loads(out.stdout)
+
+
 def test_python_dash_m_works():
     out = subprocess.run([sys.executable, "-m", "calora_cli", "--version"], capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.startswith("calora ")

@@ -19,6 +19,7 @@ from calora_cli.data import batches, load_examples
 from calora_cli.errors import CaloraError
 from calora_cli.models import load_model, load_tokenizer
 from calora_cli.progress import progress
+from calora_cli.runtime import import_stack
 from calora_cli.run import RunOptions, check_training_memory, seed_everything
 from calora_cli.train import TrainConfig, train_loop
 
@@ -68,6 +69,7 @@ def train_lora(
         return train_nola(base_art, data, examples, model, out, cfg, opts, rank, alpha, sorted(targets), bases, shared_bases,
                           coef_bits)
     lora = LoraConfig(r=rank, lora_alpha=alpha, target_modules=sorted(targets), lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
+    import_stack(gptq=True)  # peft's LoRA dispatch imports gptqmodel whatever the base: quietly, here
     model = get_peft_model(model, lora)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
