@@ -129,7 +129,16 @@ class LayerSource:
 
     @staticmethod
     def free(module) -> None:
-        module.to("meta")
+        """Back to the skeleton: the parameters (read again from the checkpoint on the next pass)
+        go to meta as module.to("meta") would move them. Buffers stay: non-persistent ones
+        (Gemma2's embedding scale) are not in the checkpoint to be read back, and a second pass
+        over the model (perplexity, then a task) needs them."""
+        import torch
+
+        for m in module.modules():
+            for key, p in m._parameters.items():
+                if p is not None:
+                    m._parameters[key] = torch.nn.Parameter(p.to("meta"), requires_grad=p.requires_grad)
         return_freed_memory()
 
     def embed(self) -> None:

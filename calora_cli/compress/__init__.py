@@ -6,7 +6,8 @@ import importlib
 
 PRUNERS = ("magnitude", "wanda", "sparsegpt")
 QUANTIZERS = ("gptq", "rtn-int8", "nf4")
-METHODS = PRUNERS + QUANTIZERS
+FORMATS = ("gguf",)  # another runtime's own format and quantizer (compress/gguf.py)
+METHODS = PRUNERS + QUANTIZERS + FORMATS
 
 
 def pruner(name: str):

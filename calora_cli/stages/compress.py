@@ -39,12 +39,20 @@ class CompressSpec:
     seq_len: int = 256
     then: str | None = None
     activation_gb: float = 2.0  # activations between layers kept in memory; beyond, spilled to disk
+    gguf_type: str | None = None
 
     def check(self, config: dict) -> tuple[int, int] | None:
         """Validate before any heavy work; return the N:M pattern (or None)."""
         if self.method not in METHODS:
             raise CaloraError(f"unknown --method {self.method!r} (choose from {', '.join(METHODS)})")
         nm = None
+        if self.method == "gguf":
+            from calora_cli.gguf import TYPES
+
+            if self.gguf_type not in TYPES:
+                raise CaloraError(f"--method gguf needs --gguf-type, one of {', '.join(TYPES)}; got {self.gguf_type!r}")
+        elif self.gguf_type is not None:
+            raise CaloraError("--gguf-type goes with --method gguf")
         if config.get("quantization_config"):
             q = config["quantization_config"].get("quant_method", "quantized")
             raise CaloraError(f"the model is already quantized ({q}); compress the unquantized model "
@@ -93,6 +101,8 @@ class CompressSpec:
             p.update(bits=self.bits, group_size=self.group_size)
         if self.method in ("rtn-int8", "nf4"):
             p["bits"] = 8 if self.method == "rtn-int8" else 4
+        if self.method == "gguf":
+            p.update(gguf_type=self.gguf_type, imatrix=self.calib is not None)
         return p
 
 
@@ -110,7 +120,8 @@ def compress_model(model_dir: Path, out: Path, spec: CompressSpec, opts: RunOpti
     metrics: dict = {}
 
     with atomic_output(out, opts.force) as tmp:
-        metrics.update(_stream(src, tmp, calib, spec, nm, opts))
+        run = _gguf if spec.method == "gguf" else _stream
+        metrics.update(run(src, tmp, calib, spec, nm, opts))
         _finish(tmp, src, spec, metrics)
     return _summary(out, spec, t0, metrics)
 
@@ -124,7 +135,7 @@ def _finish(tmp: Path, src, spec: CompressSpec, metrics: dict) -> None:
 
 
 def _summary(out: Path, spec: CompressSpec, t0: float, metrics: dict) -> dict:
-    size = sum(p.stat().st_size for p in safetensors_files(out))
+    size = sum(p.stat().st_size for p in [*safetensors_files(out), *out.glob("*.gguf")])
     return {"output": str(out), "method": spec.method, "seconds": round(time.time() - t0, 2), "weights_bytes": size,
             **{k: v for k, v in metrics.items() if not isinstance(v, (dict, list))}}
 
@@ -190,6 +201,53 @@ def _stream(src, into: Path, calib, spec: CompressSpec, nm, opts: RunOptions) ->
         config["quantization_config"] = quantization_config
         config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return out
+
+
+def _gguf(src, into: Path, calib, spec: CompressSpec, nm, opts: RunOptions) -> dict:
+    """llama.cpp's GGUF: calora writes the float GGUF one tensor at a time, llama.cpp's quantizer
+    makes the asked type from it (compress/gguf.py), with an importance matrix from --calib."""
+    import shutil
+
+    from calora_cli.artifacts import companion_files
+    from calora_cli.compress import gguf as method
+    from calora_cli.gguf import FLOAT_TYPES, GGUF_FILE
+    from calora_cli.gguf.writer import checkpoint_tensors, write_model
+    from calora_cli.runtime import resolve_device, torch_dtype
+    from calora_cli.streaming import LayerSource
+    from calora_cli.tensor_io import ShardReader
+
+    config = json.loads((src.path / "config.json").read_text())
+    readers = [ShardReader(w) for w in src.weights]
+    try:
+        tensors = checkpoint_tensors(readers)
+        storage = next(r.header[n]["dtype"] for r in readers for n in r.names() if n.endswith(".weight"))
+        float_type = method.float_type_for(spec.gguf_type, storage)
+        target = into / GGUF_FILE
+        staging = target if spec.gguf_type in FLOAT_TYPES else into / ".float.gguf"
+        with progress(f"gguf {float_type}", len(tensors), opts.show_progress) as advance:
+            write_model(staging, config, src.path, tensors, float_type, src.path.name, on_tensor=lambda: advance(1))
+    finally:
+        for r in readers:
+            r.file.close()
+    imatrix = None
+    if calib is not None:
+        source = LayerSource(src.path, src.weights, torch_dtype(opts.dtype), resolve_device(opts.device))
+        try:
+            with progress("importance matrix", len(source.layers), opts.show_progress) as advance:
+                imatrix = method.importance_matrix(source, calib, config, on_block=advance)
+        finally:
+            source.close()
+    if staging != target:
+        from calora_cli.gguf.llama import quantize
+
+        with progress(f"llama.cpp quantize {spec.gguf_type}", None, opts.show_progress):
+            quantize(staging, target, spec.gguf_type, imatrix)
+        staging.unlink()
+    for f in companion_files(src.path):  # config and tokenizer: what reads the GGUF back as a Hugging Face model
+        shutil.copy2(f, into / f.name)
+    types = method.tensor_types(target)
+    return {"gguf_type": spec.gguf_type, "float_type": float_type, "tensor_types": method.fallbacks(types, spec.gguf_type),
+            "gguf_bytes": target.stat().st_size, "imatrix_tensors": len(imatrix or {})}
 
 
 def _quantizer(spec: CompressSpec, model_type: str, compute_dtype):

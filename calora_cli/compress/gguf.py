@@ -1,0 +1,70 @@
+"""`compress --method gguf`: a model as llama.cpp's GGUF, in one of llama.cpp's quant types.
+
+Two steps, each bounded in memory by one tensor (or one decoder layer):
+1. calora writes the float GGUF (F32, F16 or BF16: the checkpoint's own precision unless the type
+   asked for is a float type) one tensor at a time (gguf/writer.py);
+2. llama.cpp's own quantizer (`llama_model_quantize`) turns it into the asked type, choosing per
+   tensor as `llama-quantize` does, fallbacks included (K-quants need rows of a multiple of 256
+   values: narrower tensors fall back to a legacy type, which the manifest reports).
+
+`--calib FILE` computes llama.cpp's importance matrix in the streaming engine: for each block
+linear, the mean over calibration tokens of each input channel's squared activation (what
+`llama-imatrix` collects), under the tensor's GGUF name, handed to the quantizer.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+NEEDS = "norms"
+
+
+def importance_matrix(source, calib, config: dict, on_block: Callable[[int], None] | None = None) -> dict:
+    """GGUF tensor name -> per-input-channel mean of squared activations, block by block, from a
+    streaming.LayerSource (the model is never resident)."""
+    from calora_cli.arch import LAYERS_PREFIX
+    from calora_cli.compress.sequential import capture_inputs, collect_stats
+    from calora_cli.gguf.names import NameMap
+
+    names = NameMap(config)
+    source.embed()
+    inputs = capture_inputs(source.model, calib)
+    source.release_embedding()
+    out = {}
+    for i, block in enumerate(source.blocks()):
+        stats, inputs = collect_stats(block, inputs, NEEDS)
+        for path, s in stats.items():
+            target = names.gguf_name(f"{LAYERS_PREFIX}{i}.{path}.weight")
+            if target is not None:
+                out[target] = s.sq_mean.float().cpu()
+        if on_block is not None:
+            on_block(1)
+    return out
+
+
+def float_type_for(gguf_type: str, storage: str) -> str:
+    """The float GGUF written before quantizing: the type itself when it is a float type, else the
+    checkpoint's own precision (nothing rounded before llama.cpp's quantizer sees it)."""
+    from calora_cli.gguf import FLOAT_TYPES
+
+    if gguf_type in FLOAT_TYPES:
+        return gguf_type
+    return {"F32": "F32", "F16": "F16", "BF16": "BF16"}.get(storage, "F32")
+
+
+def tensor_types(path: Path) -> dict[str, str]:
+    """GGUF tensor name -> its type name, as written."""
+    from calora_cli.gguf.reader import open_gguf
+
+    return {t.name: t.tensor_type.name for t in open_gguf(path).tensors}
+
+
+def fallbacks(types: dict[str, str], gguf_type: str) -> dict[str, int]:
+    """How many 2-D weights llama.cpp stored in each type: for a K-quant on narrow tensors, the
+    legacy types it fell back to show here beside the K types."""
+    counts: dict[str, int] = {}
+    for name, t in types.items():
+        if name.endswith(".weight") and "norm" not in name:
+            counts[t] = counts.get(t, 0) + 1
+    return dict(sorted(counts.items()))
