@@ -25,6 +25,8 @@ from calora_cli.errors import CaloraError
 MANIFEST = "calora.json"
 FORMAT_VERSION = 1
 KINDS = ("model", "adapter")
+GGUF_MODEL = "model.gguf"  # a GGUF model artifact's weights (llama.cpp's format), beside config.json
+GGUF_HEAD_BYTES = 4 << 20  # a GGUF's metadata (vocabulary included) lies at its start: fingerprinted whole
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 # A safetensors header above this is not a real header (the format's own reader caps it at 100 MB).
 MAX_HEADER_BYTES = 100_000_000
@@ -84,6 +86,20 @@ def read_safetensors_header(path: Path) -> dict[str, Any]:
     return header
 
 
+def check_gguf_header(path: Path) -> None:
+    """The cheap part of a GGUF's validity (magic, version, counts that fit the file); the tensors
+    are checked when the file is read (calora_cli.gguf.reader)."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(24)
+    if len(head) < 24 or head[:4] != b"GGUF":
+        raise CaloraError(f"corrupt GGUF file {path}: it does not start with GGUF's magic and header")
+    version, n_tensors, n_kv = struct.unpack("<IQQ", head[4:])
+    if version not in (2, 3) or n_tensors > size or n_kv > size:
+        raise CaloraError(f"corrupt GGUF file {path}: header (version {version}, {n_tensors} tensors, {n_kv} keys) "
+                          f"does not fit a {size}-byte file")
+
+
 def safetensors_files(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*.safetensors") if p.is_file())
 
@@ -121,7 +137,15 @@ def fingerprint(root: Path) -> str:
     for p in _artifact_files(root):
         rel = p.relative_to(root).as_posix()
         h.update(rel.encode() + b"\0")
-        if p.suffix == ".safetensors":
+        if p.suffix == ".gguf":
+            size = p.stat().st_size
+            with open(p, "rb") as f:
+                h.update(f.read(GGUF_HEAD_BYTES))
+                h.update(str(size).encode())
+                for k in range(SAMPLES):
+                    f.seek(max(0, size - SAMPLE_BYTES) * k // (SAMPLES - 1))
+                    h.update(f.read(SAMPLE_BYTES))
+        elif p.suffix == ".safetensors":
             size = p.stat().st_size
             with open(p, "rb") as f:
                 (n,) = struct.unpack("<Q", f.read(8))
@@ -171,6 +195,11 @@ class Artifact:
     manifest: dict[str, Any] | None
     fingerprint: str
     weights: list[Path] = field(default_factory=list)
+
+    @property
+    def gguf(self) -> bool:
+        """A GGUF model: its one weights file is llama.cpp's (read through calora_cli.gguf)."""
+        return len(self.weights) == 1 and self.weights[0].suffix == ".gguf"
 
     @property
     def lineage(self) -> list[str]:
@@ -251,6 +280,9 @@ def open_artifact(path: Path | str, expect: str | None = None, role: str = "inpu
         raise CaloraError(f"{role} {path} is {_a(kind)}, expected {_a(expect)}")
 
     weights = safetensors_files(path)
+    if not weights and kind == "model" and (path / GGUF_MODEL).is_file():
+        check_gguf_header(path / GGUF_MODEL)
+        weights = [path / GGUF_MODEL]
     if not weights:
         pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
         if pickles:
@@ -260,7 +292,8 @@ def open_artifact(path: Path | str, expect: str | None = None, role: str = "inpu
             )
         raise CaloraError(f"{role} {path} has no .safetensors weights")
     for w in weights:
-        read_safetensors_header(w)
+        if w.suffix == ".safetensors":
+            read_safetensors_header(w)
     return Artifact(path=path, kind=kind, manifest=manifest, fingerprint=fingerprint(path), weights=weights)
 
 

@@ -24,7 +24,8 @@ if TYPE_CHECKING:
 
 
 def load_model(path: Path, device: str = "cpu", dtype: str = "float32", shardable: bool = False) -> "PreTrainedModel":
-    """A causal LM from a local Hugging Face directory (dense, pruned, GPTQ or bitsandbytes).
+    """A causal LM from a local Hugging Face directory (dense, pruned, GPTQ or bitsandbytes), or a
+    GGUF model artifact (config.json beside model.gguf).
 
     `shardable`: the caller shards the model with distributed.shard_model; under FSDP it then
     comes back as a skeleton whose weights are read slice by slice once sharded (`skeleton`)."""
@@ -45,6 +46,23 @@ def load_model(path: Path, device: str = "cpu", dtype: str = "float32", shardabl
         from calora_cli.sharded_load import skeleton
 
         return skeleton(path, dev, dtype)
+    gguf_file = Path(path) / "model.gguf"
+    if gguf_file.is_file() and not any(Path(path).glob("*.safetensors")):
+        model = _from_gguf(Path(path), gguf_file, config, dev, torch_dtype(dtype))
+    else:
+        model = _from_safetensors(path, dev, dtype, quantization)
+    import torch
+
+    for name, p in model.named_parameters():
+        if p.is_floating_point() and not bool(torch.isfinite(p).all()):
+            raise CaloraError(f"model {path} has NaN or Inf values in {name}")
+    model.eval()
+    return model
+
+
+def _from_safetensors(path: Path, dev, dtype: str, quantization: dict) -> "PreTrainedModel":
+    from transformers import AutoModelForCausalLM
+
     try:
         with library_chatter_hidden():
             model = AutoModelForCausalLM.from_pretrained(
@@ -59,12 +77,39 @@ def load_model(path: Path, device: str = "cpu", dtype: str = "float32", shardabl
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CaloraError(f"cannot load model {path}: {first}") from e
-    import torch
+    return model
 
-    for name, p in model.named_parameters():
-        if p.is_floating_point() and not bool(torch.isfinite(p).all()):
-            raise CaloraError(f"model {path} has NaN or Inf values in {name}")
-    model.eval()
+
+def _from_gguf(path: Path, gguf_file: Path, config: dict, dev, dtype) -> "PreTrainedModel":
+    """A Hugging Face model (its config.json) holding a GGUF's weights, dequantized tensor by tensor
+    (gguf/reader.py): plain nn.Linear layers computing with exactly the weights llama.cpp holds."""
+    from accelerate import init_empty_weights
+    from accelerate.utils import set_module_tensor_to_device
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from calora_cli.gguf.reader import GGUFTensors
+
+    source = GGUFTensors(gguf_file, config)
+    try:
+        cfg = AutoConfig.from_pretrained(path, trust_remote_code=False, local_files_only=True)
+        with library_chatter_hidden(), init_empty_weights():
+            model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+        for name, p in list(model.named_parameters()):
+            read = name if name in source.where else "model.embed_tokens.weight" if name == "lm_head.weight" else None
+            if read is None:
+                raise CaloraError(f"cannot load model {path}: {gguf_file.name} has no tensor for {name}")
+            t = source.get_tensor(read)
+            if tuple(t.shape) != tuple(p.shape):
+                raise CaloraError(f"cannot load model {path}: {name} has shape {list(t.shape)} in {gguf_file.name}, "
+                                  f"its config needs {list(p.shape)}")
+            set_module_tensor_to_device(model, name, dev, value=t, dtype=dtype)
+        model.tie_weights()  # a tied head shares the embedding just read
+        for module in model.modules():  # buffers (rotary tables) were made on the CPU
+            for key, b in module._buffers.items():
+                if b is not None:
+                    module._buffers[key] = b.to(dev)
+    finally:
+        source.close()
     return model
 
 

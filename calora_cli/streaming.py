@@ -72,9 +72,15 @@ class LayerSource:
             self.config = AutoConfig.from_pretrained(self.path, trust_remote_code=False, local_files_only=True)
         except (OSError, ValueError, KeyError) as e:
             raise CaloraError(f"cannot load model {path}: {str(e).strip().splitlines()[0]}") from e
-        self.readers = [ShardReader(w) for w in weights]
+        if len(weights) == 1 and Path(weights[0]).suffix == ".gguf":  # llama.cpp's file, dequantized tensor by tensor
+            from calora_cli.gguf.reader import GGUFTensors
+
+            self.readers = [GGUFTensors(weights[0], config_dict)]
+            self.gptq = None
+        else:
+            self.readers = [ShardReader(w) for w in weights]
+            self.gptq = _gptq_layout(config_dict, path)
         self.where = {n: r for r in self.readers for n in r.names()}
-        self.gptq = _gptq_layout(config_dict, path)
         with library_chatter_hidden(), init_empty_weights():
             self.model = AutoModelForCausalLM.from_config(self.config, dtype=compute_dtype)
         self.model.eval()
@@ -85,7 +91,7 @@ class LayerSource:
         self.layers = decoder_layers(self.model)
         first = next((n for n in self.where if n.startswith(LAYERS_PREFIX) and n.endswith(".weight")), None)
         if first is None:
-            raise CaloraError(f"cannot load model {path}: its safetensors files hold no {LAYERS_PREFIX}* weights")
+            raise CaloraError(f"cannot load model {path}: its weights hold no {LAYERS_PREFIX}* tensors")
         self.storage_dtype = self.read(first).dtype
 
     def close(self) -> None:
@@ -97,7 +103,7 @@ class LayerSource:
 
         reader = self.where.get(name)
         if reader is None:
-            raise CaloraError(f"cannot load model {self.path}: its safetensors files have no tensor {name}")
+            raise CaloraError(f"cannot load model {self.path}: its weights have no tensor {name}")
         t = reader.get_tensor(name)
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise CaloraError(f"model {self.path} has NaN or Inf values in {name}")

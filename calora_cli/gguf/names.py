@@ -49,14 +49,15 @@ class NameMap:
         Gemma2 always (its converter drops lm_head), the others when config.json ties them."""
         return self.arch == "gemma2" or bool(self.config.get("tie_word_embeddings", False))
 
-    def gguf_name(self, hf: str) -> str | None:
-        """The GGUF name of a Hugging Face tensor; None for one llama.cpp does not store."""
+    def gguf_name(self, hf: str, strict: bool = True) -> str | None:
+        """The GGUF name of a Hugging Face tensor; None for one llama.cpp does not store (and, not
+        `strict`, for one this architecture has no name for)."""
         if hf == "lm_head.weight" and self.tied():
             return None
         if hf.endswith("rotary_emb.inv_freq"):
             return None
         name = self._map.get_name(hf, try_suffixes=(".weight", ".bias"))
-        if name is None:
+        if name is None and strict:
             raise CaloraError(f"tensor {hf} has no GGUF name for llama.cpp's {self.arch} architecture")
         return name
 
@@ -93,6 +94,20 @@ class NameMap:
         """A LoRA's B (out, r) for the module at `module` (its path), rows as the base's are stored."""
         heads = self._rows(module + ".weight")
         return permute_rows(b, heads) if heads is not None else b
+
+
+def hf_names(config: dict) -> list[str]:
+    """Every tensor name a checkpoint of this family can hold (biases and extra norms included;
+    those a given model lacks are simply absent from its GGUF)."""
+    from calora_cli.arch import FAMILIES
+
+    block = ["input_layernorm.weight", "post_attention_layernorm.weight", "pre_feedforward_layernorm.weight",
+             "post_feedforward_layernorm.weight", "self_attn.q_norm.weight", "self_attn.k_norm.weight"]
+    for short in FAMILIES[config["model_type"]]:
+        parent = "mlp" if short in ("gate_proj", "up_proj", "down_proj", "gate_up_proj") else "self_attn"
+        block += [f"{parent}.{short}.weight", f"{parent}.{short}.bias"]
+    names = ["model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"]
+    return names + [f"model.layers.{i}.{b}" for i in range(config["num_hidden_layers"]) for b in block]
 
 
 def permute_rows(t: "torch.Tensor", heads: int) -> "torch.Tensor":

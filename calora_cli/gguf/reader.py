@@ -42,10 +42,12 @@ def field(reader, key: str, default=None):
 
 
 class GGUFTensors:
-    """A model GGUF, read as a checkpoint of Hugging Face tensors (`hf_names`: those the model's
-    skeleton has; a tied head is read from the embedding by the caller, as for safetensors)."""
+    """A model GGUF, read as a checkpoint of Hugging Face tensors (a tied head, absent from the
+    file, is read from the embedding by the caller, as for safetensors)."""
 
-    def __init__(self, path: Path, config: dict, hf_names: list[str] | None = None):
+    def __init__(self, path: Path, config: dict):
+        from calora_cli.gguf.names import hf_names
+
         self.path = Path(path)
         self.reader = open_gguf(self.path)
         self.map = NameMap(config)
@@ -65,11 +67,15 @@ class GGUFTensors:
             rows = None if embd is None else int(embd.shape[1])
             raise CaloraError(f"GGUF {self.path} has a vocabulary of {rows} tokens, its config {config['vocab_size']}")
         self.where: dict[str, str] = {}
-        for hf in hf_names or []:
-            target = self.map.gguf_name(hf)
+        for hf in hf_names(config):
+            target = self.map.gguf_name(hf, strict=False)
             if target is not None and target in self.tensors:
                 self.where[hf] = target
-        self.header = {hf: {"shape": self.shape(hf)} for hf in self.where}
+        self.header = {hf: {"shape": self.shape(hf), "dtype": self.tensor_type(hf)} for hf in self.where}
+        unread = {t for t in set(self.tensors) - set(self.where.values()) if t.startswith("blk.")}
+        if unread:
+            raise CaloraError(f"GGUF {self.path} holds tensors a {config['model_type']} model of this config does not "
+                              f"have: {', '.join(sorted(unread)[:3])}")
 
     def names(self) -> list[str]:
         return list(self.where)
@@ -96,12 +102,7 @@ class GGUFTensors:
         return self.map.from_gguf(hf, out)
 
     def close(self) -> None:
-        mm = getattr(self.reader, "data", None)
-        if mm is not None and hasattr(mm, "_mmap"):
-            try:
-                mm._mmap.close()
-            except (BufferError, ValueError):
-                pass
+        self.tensors, self.reader = {}, None  # the memory map goes with its last reference
 
     @property
     def file(self):
