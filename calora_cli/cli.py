@@ -211,8 +211,11 @@ def train(
 @app.command("eval")
 @command
 def eval_(
-    model: Annotated[Path, typer.Argument(help="Model directory (dense, pruned or quantized).")],
-    adapter: Annotated[Optional[Path], typer.Option("--adapter", help="Adapter directory to attach.")] = None,
+    model: Annotated[Path, typer.Argument(help="Model directory (dense, pruned, quantized or GGUF).")],
+    adapter: Annotated[Optional[list[Path]], typer.Option("--adapter", help="Adapter directory to attach (with --engine "
+                       "llama.cpp: repeatable, all applied at once, or llama.cpp LoRA .gguf files).")] = None,
+    engine: Annotated[str, typer.Option("--engine", help="torch (calora's own), or llama.cpp: a GGUF model scored by "
+                      "llama.cpp's forward pass and tokenizer, what a device running it computes.")] = "torch",
     ppl: Annotated[Optional[Path], typer.Option("--ppl", help="Text file for perplexity.")] = None,
     tasks: Annotated[
         Optional[list[Path]], typer.Option("--tasks", help="Multiple-choice JSONL {context, choices, label}; repeatable.")
@@ -248,10 +251,13 @@ def eval_(
         check_output(output, force)
     if harness_include is not None and not harness:
         raise CaloraError("--harness-include goes with --harness TASKS")
+    adapter = adapter or []
     result = evaluate(
         model,
         _opts(device, dtype, seed, force, quiet, allow_base_mismatch),
-        adapter=adapter,
+        adapter=adapter[0] if adapter else None,
+        more_adapters=adapter[1:],
+        engine=engine,
         ppl_file=ppl,
         task_files=tasks,
         seq_len=seq_len,
@@ -387,6 +393,31 @@ def compress(
         activation_gb=activation_memory, gguf_type=gguf_type.upper() if gguf_type else None,
     )
     _emit(compress_model(model, output, spec, _opts(device, dtype, seed, force, quiet)), json_)
+
+
+@app.command()
+@command
+def export(
+    model: Annotated[Path, typer.Argument(help="The base: a model (dense, pruned) or a GGUF model artifact.")],
+    output: Output,
+    adapter: Annotated[Optional[list[Path]], typer.Option("--adapter", help="An adapter to export beside the base; "
+                       "repeatable (llama.cpp applies several at once, or switches them per request).")] = None,
+    fmt: Annotated[str, typer.Option("--format", help="gguf (llama.cpp, Ollama, LM Studio).")] = "gguf",
+    gguf_type: Annotated[Optional[str], typer.Option("--gguf-type", help="Quantize the base with llama.cpp's quantizer "
+                         "(Q4_K_M, Q4_0, ...; default: the checkpoint's own float type).")] = None,
+    allow_base_mismatch: AllowMismatch = False,
+    force: Force = False,
+    json_: Json = False,
+    quiet: Quiet = False,
+    debug: Debug = False,
+) -> None:
+    """Export a base and its adapters for another runtime: llama.cpp's GGUF (the base, and each
+    adapter as a llama.cpp LoRA), with the llama.cpp command lines that serve them."""
+    from calora_cli.stages.export import export as run
+
+    opts = _opts(force=force, quiet=quiet, allow=allow_base_mismatch)
+    summary = run(model, adapter or [], output, fmt, opts, gguf_type.upper() if gguf_type else None)
+    _emit(summary, json_)
 
 
 @app.command()

@@ -79,6 +79,10 @@ def resident_bytes(model: Artifact, dtype: str) -> int:
     from calora_cli.runtime import torch_dtype
 
     width = torch_dtype(dtype).itemsize  # an unknown --dtype is refused here, in one line
+    if model.gguf:  # dequantized into `dtype` as it is read
+        from calora_cli.gguf.reader import open_gguf
+
+        return sum(int(t.n_elements) for t in open_gguf(model.weights[0]).tensors) * width
     stored = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8}
     total = 0
     for w in model.weights:

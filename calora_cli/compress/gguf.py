@@ -60,7 +60,7 @@ def tensor_types(path: Path) -> dict[str, str]:
     return {t.name: t.tensor_type.name for t in open_gguf(path).tensors}
 
 
-def fallbacks(types: dict[str, str], gguf_type: str) -> dict[str, int]:
+def fallbacks(types: dict[str, str]) -> dict[str, int]:
     """How many 2-D weights llama.cpp stored in each type: for a K-quant on narrow tensors, the
     legacy types it fell back to show here beside the K types."""
     counts: dict[str, int] = {}
@@ -68,3 +68,52 @@ def fallbacks(types: dict[str, str], gguf_type: str) -> dict[str, int]:
         if name.endswith(".weight") and "norm" not in name:
             counts[t] = counts.get(t, 0) + 1
     return dict(sorted(counts.items()))
+
+
+def convert(src, into: Path, gguf_type: str, calib, opts) -> dict:
+    """`src` (a dense safetensors model artifact) as `into`/model.gguf of `gguf_type`, with its config
+    and tokenizer files beside it (what reads the GGUF back as a Hugging Face model); returns the
+    metrics. calora writes the float GGUF one tensor at a time; llama.cpp's quantizer makes the type
+    from it, with an importance matrix from `calib` (token windows) when given."""
+    import json
+    import shutil
+
+    from calora_cli.artifacts import companion_files
+    from calora_cli.gguf import FLOAT_TYPES, GGUF_FILE
+    from calora_cli.gguf.writer import checkpoint_tensors, write_model
+    from calora_cli.progress import progress
+    from calora_cli.runtime import resolve_device, torch_dtype
+    from calora_cli.streaming import LayerSource
+    from calora_cli.tensor_io import ShardReader
+
+    config = json.loads((src.path / "config.json").read_text())
+    readers = [ShardReader(w) for w in src.weights]
+    try:
+        tensors = checkpoint_tensors(readers)
+        storage = next(r.header[n]["dtype"] for r in readers for n in r.names() if n.endswith(".weight"))
+        float_type = float_type_for(gguf_type, storage)
+        target = into / GGUF_FILE
+        staging = target if gguf_type in FLOAT_TYPES else into / ".float.gguf"
+        with progress(f"gguf {float_type}", len(tensors), opts.show_progress) as advance:
+            write_model(staging, config, src.path, tensors, float_type, src.path.name, on_tensor=lambda: advance(1))
+    finally:
+        for r in readers:
+            r.file.close()
+    imatrix = None
+    if calib is not None:
+        source = LayerSource(src.path, src.weights, torch_dtype(opts.dtype), resolve_device(opts.device))
+        try:
+            with progress("importance matrix", len(source.layers), opts.show_progress) as advance:
+                imatrix = importance_matrix(source, calib, config, on_block=advance)
+        finally:
+            source.close()
+    if staging != target:
+        from calora_cli.gguf.llama import quantize
+
+        with progress(f"llama.cpp quantize {gguf_type}", None, opts.show_progress):
+            quantize(staging, target, gguf_type, imatrix)
+        staging.unlink()
+    for f in companion_files(src.path):
+        shutil.copy2(f, into / f.name)
+    return {"gguf_type": gguf_type, "float_type": float_type, "tensor_types": fallbacks(tensor_types(target)),
+            "gguf_bytes": target.stat().st_size, "imatrix_tensors": len(imatrix or {})}

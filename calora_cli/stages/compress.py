@@ -109,6 +109,8 @@ class CompressSpec:
 def compress_model(model_dir: Path, out: Path, spec: CompressSpec, opts: RunOptions) -> dict:
     check_output(out, opts.force)
     src = open_artifact(model_dir, expect="model", role="model")
+    if src.gguf:
+        raise CaloraError(f"model {src.path} is already a GGUF (llama.cpp quantized); compress the unquantized model")
     config = json.loads((src.path / "config.json").read_text())
     check_supported(config, src.path)
     nm = spec.check(config)
@@ -204,50 +206,9 @@ def _stream(src, into: Path, calib, spec: CompressSpec, nm, opts: RunOptions) ->
 
 
 def _gguf(src, into: Path, calib, spec: CompressSpec, nm, opts: RunOptions) -> dict:
-    """llama.cpp's GGUF: calora writes the float GGUF one tensor at a time, llama.cpp's quantizer
-    makes the asked type from it (compress/gguf.py), with an importance matrix from --calib."""
-    import shutil
+    from calora_cli.compress.gguf import convert
 
-    from calora_cli.artifacts import companion_files
-    from calora_cli.compress import gguf as method
-    from calora_cli.gguf import FLOAT_TYPES, GGUF_FILE
-    from calora_cli.gguf.writer import checkpoint_tensors, write_model
-    from calora_cli.runtime import resolve_device, torch_dtype
-    from calora_cli.streaming import LayerSource
-    from calora_cli.tensor_io import ShardReader
-
-    config = json.loads((src.path / "config.json").read_text())
-    readers = [ShardReader(w) for w in src.weights]
-    try:
-        tensors = checkpoint_tensors(readers)
-        storage = next(r.header[n]["dtype"] for r in readers for n in r.names() if n.endswith(".weight"))
-        float_type = method.float_type_for(spec.gguf_type, storage)
-        target = into / GGUF_FILE
-        staging = target if spec.gguf_type in FLOAT_TYPES else into / ".float.gguf"
-        with progress(f"gguf {float_type}", len(tensors), opts.show_progress) as advance:
-            write_model(staging, config, src.path, tensors, float_type, src.path.name, on_tensor=lambda: advance(1))
-    finally:
-        for r in readers:
-            r.file.close()
-    imatrix = None
-    if calib is not None:
-        source = LayerSource(src.path, src.weights, torch_dtype(opts.dtype), resolve_device(opts.device))
-        try:
-            with progress("importance matrix", len(source.layers), opts.show_progress) as advance:
-                imatrix = method.importance_matrix(source, calib, config, on_block=advance)
-        finally:
-            source.close()
-    if staging != target:
-        from calora_cli.gguf.llama import quantize
-
-        with progress(f"llama.cpp quantize {spec.gguf_type}", None, opts.show_progress):
-            quantize(staging, target, spec.gguf_type, imatrix)
-        staging.unlink()
-    for f in companion_files(src.path):  # config and tokenizer: what reads the GGUF back as a Hugging Face model
-        shutil.copy2(f, into / f.name)
-    types = method.tensor_types(target)
-    return {"gguf_type": spec.gguf_type, "float_type": float_type, "tensor_types": method.fallbacks(types, spec.gguf_type),
-            "gguf_bytes": target.stat().st_size, "imatrix_tensors": len(imatrix or {})}
+    return convert(src, into, spec.gguf_type, calib, opts)
 
 
 def _quantizer(spec: CompressSpec, model_type: str, compute_dtype):

@@ -13,6 +13,8 @@ from calora_cli.models import load_model, load_tokenizer
 from calora_cli.progress import progress
 from calora_cli.run import RunOptions, available_memory, open_model_and_adapter, resident_bytes
 
+ENGINES = ("torch", "llama.cpp")
+
 
 def evaluate(
     model_dir: Path,
@@ -29,10 +31,13 @@ def evaluate(
     num_fewshot: int | None = None,
     stream: bool | None = None,
     activation_gb: float = 2.0,
+    engine: str = "torch",
+    more_adapters: list[Path] | None = None,
 ) -> dict:
     """Evaluate a model (with an adapter). `stream`: read the model one decoder layer at a time
     (evaluation/streamed.py) instead of loading it whole; None: stream when the whole model would
-    take more than half the memory available."""
+    take more than half the memory available. `engine` llama.cpp: a GGUF model scored by llama.cpp
+    itself, with `adapter` and `more_adapters` applied at once."""
     from calora_cli.evaluation.multiple_choice import accuracy
     from calora_cli.evaluation.perplexity import perplexity
 
@@ -45,6 +50,16 @@ def evaluate(
         raise CaloraError(f"--seq-len must be at least 2, got {seq_len}")
     if stride is not None and not 1 <= stride <= seq_len:
         raise CaloraError(f"--stride must lie in [1, --seq-len], got {stride}")
+    if engine not in ENGINES:
+        raise CaloraError(f"--engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    if more_adapters and engine != "llama.cpp":
+        raise CaloraError("several --adapter at once run in llama.cpp (--engine llama.cpp); merge them for this engine "
+                          "(calora merge BASE --adapter A --adapter B)")
+    if engine == "llama.cpp":
+        if harness:
+            raise CaloraError("--harness runs on calora's own engine; leave out --engine llama.cpp")
+        return _llamacpp(model_dir, [a for a in [adapter, *(more_adapters or [])] if a is not None], ppl_file,
+                         task_files, seq_len, stride, limit, opts)
     model_art, adapter_art = open_model_and_adapter(model_dir, adapter, opts)
     text = read_text(ppl_file) if ppl_file is not None else None
     tasks = {Path(f).stem: read_multiple_choice(f)[:limit] for f in task_files}
@@ -86,6 +101,60 @@ def evaluate(
             lm = bridge.resident_lm(model, tokenizer, batch_size, seq_len)
             result["harness"] = bridge.run(lm, harness, manager, num_fewshot, limit, opts.seed)
     return result
+
+
+def _llamacpp(model_dir: Path, adapter_paths: list[Path], ppl_file, task_files, seq_len: int, stride, limit,
+              opts: RunOptions) -> dict:
+    """Scores from llama.cpp's forward pass and tokenizer (evaluation/llamacpp.py). An adapter is a
+    llama.cpp LoRA .gguf file, or a peft adapter written as one (as `calora export` writes it) into
+    a temporary folder first."""
+    import tempfile
+
+    from calora_cli.artifacts import open_artifact
+    from calora_cli.evaluation import llamacpp
+    from calora_cli.gguf.adapter import check_lora_file, exportable_factors, write_lora
+    from calora_cli.gguf.llama import Engine, TokenizerView
+    from calora_cli.run import check_fits
+
+    model_art = open_artifact(model_dir, expect="model", role="model")
+    if not model_art.gguf:
+        raise CaloraError(f"--engine llama.cpp runs a GGUF model; {model_art.path} is not one (make one with "
+                          "calora compress --method gguf or calora export)")
+    config = json.loads((model_art.path / "config.json").read_text())
+    text = read_text(ppl_file) if ppl_file is not None else None
+    tasks = {Path(f).stem: read_multiple_choice(f)[:limit] for f in task_files or []}
+    with tempfile.TemporaryDirectory(prefix="calora-lora-") as scratch:
+        files = []
+        for k, a in enumerate(adapter_paths):
+            if Path(a).is_file():
+                check_lora_file(Path(a), config)
+                files.append(Path(a))
+                continue
+            art = open_artifact(a, expect="adapter", role="adapter")
+            check_fits(art, model_art, opts)
+            files.append(Path(scratch) / f"{k}.gguf")
+            write_lora(files[-1], exportable_factors(art), config, art.path.name)
+        engine = Engine(model_art.weights[0], files, n_ctx=seq_len)
+        try:
+            pad = load_tokenizer(model_dir).pad_token_id
+            tok = TokenizerView(engine, pad)
+            out: dict = {"model": str(model_dir), "adapter": [str(a) for a in adapter_paths] or None, "engine": "llama.cpp"}
+            if text is not None:
+                ids = engine.tokenize(text)
+                import torch
+
+                with progress("perplexity (llama.cpp)", len(llamacpp.windows(len(ids), seq_len, stride)),
+                              opts.show_progress) as advance:
+                    ppl = llamacpp.perplexity(engine, ids, seq_len, stride, on_window=advance)
+                out.update(_text_scores(ppl, tok, text, torch.tensor(ids), seq_len, stride))
+            out["tasks"] = {}
+            for name, items in tasks.items():
+                with progress(f"{name} (llama.cpp)", len(items), opts.show_progress) as advance:
+                    r = llamacpp.accuracy(engine, tok, items, seq_len, on_item=advance)
+                out["tasks"][name] = {"acc": r.acc, "acc_norm": r.acc_norm, "n": r.n}
+        finally:
+            engine.close()
+    return out
 
 
 def _streamed(model_art, adapter_art, tokenizer, text, tasks, seq_len, stride, batch_size, activation_gb, lm_eval_args,

@@ -38,6 +38,16 @@ def base_module_shapes(base) -> tuple[dict[str, tuple[int, int] | None], bool]:
     config = json.loads((base.path / "config.json").read_text())
     quantized = bool(config.get("quantization_config"))
     shapes: dict[str, tuple[int, int] | None] = {}
+    if base.gguf:  # llama.cpp's names and layout, read back as Hugging Face's
+        from calora_cli.gguf.reader import GGUFTensors
+
+        source = GGUFTensors(base.weights[0], config)
+        for name, info in source.header.items():
+            module, _, leaf = name.rpartition(".")
+            if leaf == "weight" and len(info["shape"]) == 2:
+                shapes[module] = tuple(info["shape"])
+        source.close()
+        return shapes, True
     for shard in base.weights:
         for name, info in read_safetensors_header(shard).items():
             if name == "__metadata__":
