@@ -17,7 +17,20 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet torch==2.13.0
 	$(PIP) install --quiet -e '.[test]'
+	$(MAKE) $(LLAMACPP_CONVERT)
 	touch $@
+
+# llama.cpp's own converter (convert_hf_to_gguf.py, inside llama-cpp-python's source archive): the
+# tests run it as the reference calora's GGUF writer is compared with; nothing of it is committed
+LLAMACPP_SDIST   := llama_cpp_python-0.3.36
+LLAMACPP_CONVERT := $(VENV)/llama.cpp/convert_hf_to_gguf.py
+$(LLAMACPP_CONVERT):
+	$(PIP) download --quiet --no-deps --no-binary :all: llama-cpp-python==0.3.36 -d $(VENV)/sdist
+	mkdir -p $(VENV)/llama.cpp
+	tar xzf $(VENV)/sdist/$(LLAMACPP_SDIST).tar.gz -C $(VENV)/llama.cpp --strip-components=3 \
+	    $(LLAMACPP_SDIST)/vendor/llama.cpp/convert_hf_to_gguf.py $(LLAMACPP_SDIST)/vendor/llama.cpp/conversion \
+	    $(LLAMACPP_SDIST)/vendor/llama.cpp/gguf-py
+	rm -rf $(VENV)/sdist
 
 # one worker per core: most of the suite's time is CLI subprocesses (imports, kill -9 trials,
 # torchrun pairs, recipe smokes), which overlap well; TEST_WORKERS=0 runs it in one process.

@@ -148,3 +148,32 @@ def pytest_terminal_summary(terminalreporter):
     ran = tallied(terminalreporter, "bad_input")
     if ran:
         terminalreporter.write_line(f"bad-input suite: {len(ran)} cases, each exit 2 with one line and nothing written")
+
+
+@pytest.fixture(scope="session")
+def wide_base(request, data_dir) -> Path:
+    """A pretrained tiny Llama whose widths are multiples of 256 (hidden 256, MLP 512): llama.cpp's
+    K-quants need rows of a multiple of 256 values and fall back to legacy types on narrower ones."""
+    def build(out: Path) -> None:
+        import pretrain
+
+        pretrain.main(["--data", str(data_dir / "shakespeare" / "train.txt"), "--out", str(out), "--vocab", "512",
+                       "--layers", "2", "--hidden", "256", "--intermediate", "512", "--heads", "4", "--seq-len", "64",
+                       "--batch-size", "8", "--steps", "300", "--lr", "3e-3"])
+
+    return _cached(request, "wide-base", build)
+
+
+@pytest.fixture(scope="session")
+def wide_lora(request, wide_base, data_dir) -> Path:
+    """A rank-8 LoRA trained on wide_base on the history plays."""
+    from calora_cli.run import RunOptions
+    from calora_cli.stages.finetune import train_lora
+    from calora_cli.train import TrainConfig
+
+    def build(out: Path) -> None:
+        cfg = TrainConfig(steps=40, lr=5e-3, batch_size=8, seq_len=64, seed=0)
+        train_lora(wide_base, data_dir / "shakespeare" / "train-histories.txt", out, cfg,
+                   RunOptions(show_progress=False, force=True), rank=8)
+
+    return _cached(request, "wide-lora", build)

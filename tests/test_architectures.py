@@ -15,7 +15,7 @@ import math
 
 import pytest
 import torch
-from helpers import SHK, one_line_error
+from helpers import DATA, SHK, one_line_error
 from calora_cli.compress.gptq_format import dequantize, is_v1
 from safetensors.torch import load_file
 
@@ -129,6 +129,13 @@ def test_family_through_every_stage(cli, tokenizer_dir, tmp_path, family):
     for model, adapter in ((gptq, inherited), (wanda, recovered), (nf4, lora), (joint, compensated)):
         e = _run(cli, "eval", model, "--adapter", adapter, "--ppl", short, "--seq-len", "32")
         assert math.isfinite(e["perplexity"])
+    # streamed eval makes one pass over the layers per text and per task: the second pass must find
+    # what the first left (Gemma2's embedding scale is a buffer, not in the checkpoint)
+    two = ["--adapter", recovered, "--ppl", short, "--tasks", DATA / "tasks" / "socialiqa.jsonl", "--limit", "6",
+           "--seq-len", "32"]
+    whole, streamed = _run(cli, "eval", wanda, *two, "--no-stream"), _run(cli, "eval", wanda, *two, "--stream")
+    assert streamed["perplexity"] == pytest.approx(whole["perplexity"], rel=1e-5)
+    assert streamed["tasks"] == whole["tasks"]
 
     # LoSA: a masked adapter merges into the sparse base without filling a zero
     masked = tmp_path / "masked"

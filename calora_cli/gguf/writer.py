@@ -41,6 +41,9 @@ def write_model(out: Path, config: dict, tokenizer_dir: Path, tensors: dict[str,
     names = NameMap(config)
     ggml_type, file_type = FLOATS[float_type]
     w = gguf.GGUFWriter(out, names.arch)
+    w.add_type(gguf.GGUFType.MODEL)
+    params = sum(int(np.prod(shape)) for hf, (shape, _) in tensors.items() if names.gguf_name(hf) is not None)
+    w.add_size_label(gguf.size_label(params, 0, 0, 0))
     add_hparams(w, config, names.arch, int(gguf.LlamaFileType[file_type]))
     tokens = add_vocab(w, tokenizer_dir, config["vocab_size"])
     # llama.cpp looks up Phi-3's own special tokens, and fails to load without them, when the

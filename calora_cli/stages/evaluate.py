@@ -121,6 +121,9 @@ def _llamacpp(model_dir: Path, adapter_paths: list[Path], ppl_file, task_files, 
         raise CaloraError(f"--engine llama.cpp runs a GGUF model; {model_art.path} is not one (make one with "
                           "calora compress --method gguf or calora export)")
     config = json.loads((model_art.path / "config.json").read_text())
+    from calora_cli.gguf.reader import GGUFTensors
+
+    GGUFTensors(model_art.weights[0], config).close()  # architecture, blocks and vocabulary against config.json
     text = read_text(ppl_file) if ppl_file is not None else None
     tasks = {Path(f).stem: read_multiple_choice(f)[:limit] for f in task_files or []}
     with tempfile.TemporaryDirectory(prefix="calora-lora-") as scratch:

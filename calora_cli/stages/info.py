@@ -38,10 +38,21 @@ def linear_sparsity(weights: list[Path]) -> dict[str, tuple[int, int]]:
     return out
 
 
+def _gguf_counts(path: Path) -> tuple[int, dict]:
+    """Elements, and tensors of each GGML type, of a GGUF."""
+    from calora_cli.gguf.reader import open_gguf
+
+    tensors = open_gguf(path).tensors
+    by_type: dict[str, int] = {}
+    for t in tensors:
+        by_type[t.tensor_type.name] = by_type.get(t.tensor_type.name, 0) + 1
+    return sum(int(t.n_elements) for t in tensors), dict(sorted(by_type.items()))
+
+
 def describe(path: Path, check: bool = False) -> dict:
     art = open_artifact(path, role="artifact")
     files = sorted(p for p in art.path.rglob("*") if p.is_file())
-    n_params, by_dtype = _tensor_counts(art.weights)
+    n_params, by_dtype = _gguf_counts(art.weights[0]) if art.gguf else _tensor_counts(art.weights)
     info: dict = {
         "path": str(art.path),
         "kind": art.kind,
@@ -66,7 +77,9 @@ def describe(path: Path, check: bool = False) -> dict:
             if q
             else None
         )
-        if q is None:
+        if art.gguf:
+            info["quantization"] = {"quant_method": "gguf", "tensor_types": by_dtype}
+        elif q is None:
             sp = linear_sparsity(art.weights)
             rates = [z / n for z, n in sp.values()]
             info["sparsity"] = {

@@ -205,6 +205,74 @@ def _(t, base, lora, pruned):
     return ["merge", base, "--adapter", lora, "-o", t / "out"]
 
 
+# --- GGUF (llama.cpp) -----------------------------------------------------------------------------
+def gguf_of(base: Path, out: Path) -> Path:
+    """An F32 GGUF model artifact of `base`, made in-process."""
+    from calora_cli.run import RunOptions
+    from calora_cli.stages.compress import CompressSpec, compress_model
+
+    compress_model(base, out, CompressSpec("gguf", gguf_type="F32"), RunOptions(show_progress=False))
+    return out
+
+
+def edit_config(model: Path, **changes) -> Path:
+    cfg = json.loads((model / "config.json").read_text())
+    cfg.update(changes)
+    (model / "config.json").write_text(json.dumps(cfg))
+    return model
+
+
+@case("gguf-truncated", "corrupt GGUF")
+def _(t, base, lora, pruned):
+    g = gguf_of(base, t / "g")
+    raw = (g / "model.gguf").read_bytes()
+    (g / "model.gguf").write_bytes(raw[: len(raw) // 2])
+    return ["eval", g, *EVAL]
+
+
+@case("gguf-garbage", "corrupt GGUF")
+def _(t, base, lora, pruned):
+    g = gguf_of(base, t / "g")
+    (g / "model.gguf").write_bytes(b"GGML" + bytes(100))
+    return ["inherit", lora, "--base", g, "-o", t / "out"]
+
+
+@case("gguf-other-architecture", "model_type qwen2")
+def _(t, base, lora, pruned):
+    return ["eval", edit_config(gguf_of(base, t / "g"), model_type="qwen2"), *EVAL]
+
+
+@case("gguf-other-vocabulary", "vocabulary of 512 tokens")
+def _(t, base, lora, pruned):
+    return ["eval", edit_config(gguf_of(base, t / "g"), vocab_size=600), "--engine", "llama.cpp", *EVAL]
+
+
+@case("gguf-unknown-type", "--gguf-type")
+def _(t, base, lora, pruned):
+    return ["compress", base, "-o", t / "out", "--method", "gguf", "--gguf-type", "Q4_K_XL"]
+
+
+@case("gguf-already", "already a GGUF")
+def _(t, base, lora, pruned):
+    return ["compress", gguf_of(base, t / "g"), "-o", t / "out", "--method", "gguf", "--gguf-type", "Q4_0"]
+
+
+@case("llama-cpp-engine-without-gguf", "not one")
+def _(t, base, lora, pruned):
+    return ["eval", base, "--engine", "llama.cpp", *EVAL]
+
+
+@case("lora-gguf-as-model", "not a model")
+def _(t, base, lora, pruned):
+    g = gguf_of(base, t / "g")
+    e = copy(g, t / "e")
+    from calora_cli.artifacts import open_artifact
+    from calora_cli.gguf.adapter import exportable_factors, write_lora
+
+    write_lora(e / "model.gguf", exportable_factors(open_artifact(lora)), json.loads((g / "config.json").read_text()), "x")
+    return ["eval", e, *EVAL]
+
+
 # --- data files ----------------------------------------------------------------------------------
 @case("empty-data", "empty")
 def _(t, base, lora, pruned):
