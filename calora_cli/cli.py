@@ -423,9 +423,10 @@ def export(
 @app.command()
 @command
 def inherit(
-    adapter: Annotated[Path, typer.Argument(help="The existing LoRA, trained on the uncompressed model.")],
-    base: Annotated[Path, typer.Option("--base", help="The compressed model (GPTQ, NF4/int8 or pruned).")],
     output: Output,
+    adapter: Annotated[Optional[Path], typer.Argument(help="The existing LoRA, trained on the uncompressed model "
+                       "(left out with --compensate: the base's own compensation, an adapter applied beside any task's).")] = None,
+    base: Annotated[Optional[Path], typer.Option("--base", help="The compressed model (GPTQ, NF4/int8, pruned or GGUF).")] = None,
     compensate: Annotated[Optional[int], typer.Option("--compensate", help="Add a rank-R compensation of the "
                           "compression error (EoRA-style, no training), in the same peft LoRA.")] = None,
     teacher: Annotated[Optional[Path], typer.Option("--teacher", help="--compensate: the uncompressed model.")] = None,
@@ -450,6 +451,8 @@ def inherit(
     from calora_cli.methods.ca_lora.inherit import inherit as run
     from calora_cli.methods.ca_lora.transfer import CompensateSpec
 
+    if base is None:
+        raise CaloraError("inherit needs the compressed model: pass --base COMPRESSED")
     spec = None
     if compensate is not None:
         spec = CompensateSpec(compensate, teacher, calib, calib_samples, seq_len, compensate_space, compensate_all)

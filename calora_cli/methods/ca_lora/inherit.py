@@ -58,12 +58,18 @@ def base_module_shapes(base) -> tuple[dict[str, tuple[int, int] | None], bool]:
     return shapes, quantized
 
 
-def inherit(adapter: Path, base: Path, out: Path, opts: RunOptions, compensation: CompensateSpec | None = None) -> dict:
+def inherit(adapter: Path | None, base: Path, out: Path, opts: RunOptions, compensation: CompensateSpec | None = None) -> dict:
     """Carry the LoRA over; with `compensation`, add a low-rank compensation of the compression
-    error to it (transfer.py), still one plain peft LoRA."""
+    error to it (transfer.py), still one plain peft LoRA. Without an adapter (`compensation`
+    required): the compensation of the base alone, calibrated without any task LoRA, as an adapter
+    of its own that a runtime applies beside each task's (llama.cpp applies several at once)."""
     from safetensors.torch import save_file
 
     check_output(out, opts.force)
+    if adapter is None:
+        if compensation is None:
+            raise CaloraError("give the LoRA to carry over, or --compensate RANK for the base's own compensation")
+        return _base_compensation(base, out, opts, compensation)
     ad_art = open_artifact(adapter, expect="adapter", role="adapter")
     base_art = open_artifact(base, expect="model", role="base")
     teacher_art = None
@@ -130,9 +136,34 @@ def _compensate(tmp: Path, base_art, teacher_art, factors: dict, config: dict, s
 
     seed_everything(opts.seed)
     calib = calibration_batch(load_tokenizer(base_art.path), read_text(spec.calib), spec.calib_samples, spec.seq_len, opts.seed)
-    model = load_adapter(load_model(base_art.path, opts.device, opts.dtype), tmp)
-    targets = sorted(adapted_linears(model)) if spec.all_linears else sorted(factors)
-    with progress("compensate", len(decoder_layers(model.get_base_model())), opts.show_progress) as advance:
+    model = load_model(base_art.path, opts.device, opts.dtype)
+    if factors:
+        model = load_adapter(model, tmp)
+    targets = sorted(adapted_linears(model)) if spec.all_linears or not factors else sorted(factors)
+    with progress("compensate", len(decoder_layers(model.get_base_model() if factors else model)), opts.show_progress) as advance:
         comps, removed = compensate_model(model, targets, teacher_art.weights, calib, spec, on_block=advance)
     config, state = combined_lora(config, factors, comps)
     return config, state, removed
+
+
+def _base_compensation(base: Path, out: Path, opts: RunOptions, spec: CompensateSpec) -> dict:
+    """Every block linear's compensation, calibrated on the compressed base alone, as a peft LoRA."""
+    base_art = open_artifact(base, expect="model", role="base")
+    spec.check()
+    teacher_art = open_artifact(spec.teacher, expect="model", role="teacher")
+    check_descends(base_art, teacher_art, "compressed from the teacher", opts)
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "bias": "none", "lora_dropout": 0.0,
+              "base_model_name_or_path": str(base_art.path), "inference_mode": True}
+    params = {"quantized_base": True, "base_only": True, **spec.params()}
+    inputs = {"base": base_art.input_record(), "teacher": teacher_art.input_record(), "calib": data_input(spec.calib)}
+    t0 = time.time()
+    with atomic_output(out, opts.force) as tmp:
+        config, state, removed = _compensate(tmp, base_art, teacher_art, {}, config, spec, opts)
+        lora.write(tmp, config, state)
+        metrics = {"carried": 0, "compensation_removed": removed,
+                   "mean_compensation_removed": sum(removed.values()) / len(removed),
+                   "compensation_seconds": round(time.time() - t0, 2)}
+        write_manifest(tmp, kind="adapter", stage="inherit", params=params, inputs=inputs, metrics=metrics,
+                       base_fingerprint=base_art.fingerprint)
+    return {"output": str(out), "carried": 0, "skipped": 0,
+            **{k: metrics[k] for k in ("mean_compensation_removed", "compensation_seconds")}}
