@@ -125,8 +125,7 @@ class Engine:
 
         if len(ids) > self.n_ctx:
             raise AssertionError(f"{len(ids)} tokens exceed the context of {self.n_ctx}")
-        self.llm.reset()
-        self.llm._ctx.memory_clear(True) if hasattr(self.llm._ctx, "memory_clear") else None
+        self.llm.reset()  # the next eval drops the whole cache: every sequence starts afresh
         self.llm.eval(list(map(int, ids)))
         return torch.from_numpy(self.llm.scores[: len(ids)].copy())
 
