@@ -405,6 +405,8 @@ def export(
     fmt: Annotated[str, typer.Option("--format", help="gguf (llama.cpp, Ollama, LM Studio).")] = "gguf",
     gguf_type: Annotated[Optional[str], typer.Option("--gguf-type", help="Quantize the base with llama.cpp's quantizer "
                          "(Q4_K_M, Q4_0, ...; default: the checkpoint's own float type).")] = None,
+    requantize: Annotated[Optional[str], typer.Option("--requantize", help="A GPTQ model not on Q4_0/Q4_1's grid "
+                          "(4-bit, groups of 32, no act-order): quantize it again with llama.cpp into TYPE.")] = None,
     allow_base_mismatch: AllowMismatch = False,
     force: Force = False,
     json_: Json = False,
@@ -416,7 +418,8 @@ def export(
     from calora_cli.stages.export import export as run
 
     opts = _opts(force=force, quiet=quiet, allow=allow_base_mismatch)
-    summary = run(model, adapter or [], output, fmt, opts, gguf_type.upper() if gguf_type else None)
+    summary = run(model, adapter or [], output, fmt, opts, gguf_type.upper() if gguf_type else None,
+                  requantize.upper() if requantize else None)
     _emit(summary, json_)
 
 

@@ -325,3 +325,66 @@ def test_export_refuses_what_llama_cpp_cannot_run(cli, tmp_path, tiny_base, tiny
     assert "recovery modules" in line and not (tmp_path / "out").exists()
     line = one_line_error(cli("export", tiny_base, "-o", tmp_path / "out", "--gguf-type", "Q9_X"))
     assert "--gguf-type" in line and not (tmp_path / "out").exists()
+
+
+def test_gptq_grid_written_as_q4_0_unchanged(cli, tmp_path, trained_base, calib_text):
+    """A 4-bit, group-32 GPTQ model exported without re-rounding: every linear read back from the GGUF
+    (gguf's own Q4_0 dequantizer) equals the GPTQ tensor bit for bit, and llama.cpp serves it; a
+    group-64 model is refused naming --requantize, which then quantizes it with llama.cpp."""
+    from calora_cli.compress.gptq_format import PARTS, dequantize, is_v1
+    from calora_cli.gguf.reader import GGUFTensors
+    from calora_cli.tensor_io import ShardReader
+
+    calib = ["--calib", calib_text, "--calib-samples", "4", "--seq-len", "64"]
+    g32 = tmp_path / "g32"
+    _run(cli, "compress", trained_base, "-o", g32, "--method", "gptq", "--bits", "4", "--group-size", "32", *calib)
+    out = _run(cli, "export", g32, "-o", tmp_path / "q40")
+    config = json.loads(((tmp_path / "q40") / "config.json").read_text())
+    read = GGUFTensors(tmp_path / "q40" / "model.gguf", config)
+    where = {n: r for r in map(ShardReader, sorted(g32.glob("*.safetensors"))) for n in r.names()}
+    linears = [n.removesuffix(".qweight") for n in where if n.endswith(".qweight")]
+    assert len(linears) == 14
+    for stem in linears:
+        parts = {p: where[f"{stem}.{p}"].get_tensor(f"{stem}.{p}") for p in PARTS}
+        assert read.tensor_type(f"{stem}.weight") == "Q4_0"
+        v1 = is_v1(json.loads((g32 / "config.json").read_text())["quantization_config"])
+        assert torch.equal(read.get_tensor(f"{stem}.weight"), dequantize(parts, 4, v1)), stem
+    served = _run(cli, "eval", tmp_path / "q40", "--engine", "llama.cpp", "--ppl", HELD_OUT, "--seq-len", "64")
+    ours = _run(cli, "eval", g32, "--ppl", HELD_OUT, "--seq-len", "64")
+    assert abs(_logppl(served) - _logppl(ours)) < QUANT_TOL  # the embedding is Q8_0 there, as in llama.cpp's Q4_0
+    assert out["gguf_bytes"] < sum(p.stat().st_size for p in g32.glob("*.safetensors"))
+
+    g64 = tmp_path / "g64"
+    _run(cli, "compress", trained_base, "-o", g64, "--method", "gptq", "--bits", "4", "--group-size", "64", *calib)
+    line = one_line_error(cli("export", g64, "-o", tmp_path / "no"))
+    assert "--requantize" in line and not (tmp_path / "no").exists()
+    redone = _run(cli, "export", g64, "-o", tmp_path / "re", "--requantize", "Q4_0")
+    assert redone["gguf_bytes"] > 0
+
+
+def test_asymmetric_gptq_grid_is_q4_1():
+    """Asymmetric GPTQ groups of 32 as Q4_1 blocks: gguf's dequantizer gives the GPTQ values up to
+    the float16 rounding of m = -scale * zero."""
+    import numpy as np
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize as gguf_dequantize
+
+    from calora_cli.compress.gptq_format import dequantize, quantize_rtn
+    from calora_cli.gguf.legacy import blocks, grid_type
+
+    torch.manual_seed(0)
+    w = torch.randn(48, 128) + 0.3
+    parts = quantize_rtn(w, torch.arange(128, dtype=torch.int32) // 32, 4, sym=False, v1=False,
+                         scale_dtype=torch.float16)
+    assert grid_type(parts, 4, False, "w") == "Q4_1"
+    raw = blocks(parts, 4, False, "Q4_1").numpy()
+    back = torch.from_numpy(gguf_dequantize(np.ascontiguousarray(raw), GGMLQuantizationType.Q4_1).reshape(48, 128))
+    ref = dequantize(parts, 4, False)
+    step = parts["scales"].float().max().item()
+    assert (back - ref).abs().max() < 1e-3 * step * 16  # m's float16 rounding, a small fraction of a step
+    assert not torch.equal(back, w)
+    sym = quantize_rtn(w, torch.arange(128, dtype=torch.int32) // 32, 4, sym=True, v1=True, scale_dtype=torch.float16)
+    assert grid_type(sym, 4, True, "w") == "Q4_0"
+    raw = blocks(sym, 4, True, "Q4_0").numpy()
+    back = torch.from_numpy(gguf_dequantize(np.ascontiguousarray(raw), GGMLQuantizationType.Q4_0).reshape(48, 128))
+    assert torch.equal(back, dequantize(sym, 4, True))

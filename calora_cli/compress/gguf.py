@@ -117,3 +117,45 @@ def convert(src, into: Path, gguf_type: str, calib, opts) -> dict:
         shutil.copy2(f, into / f.name)
     return {"gguf_type": gguf_type, "float_type": float_type, "tensor_types": fallbacks(tensor_types(target)),
             "gguf_bytes": target.stat().st_size, "imatrix_tensors": len(imatrix or {})}
+
+
+def convert_gptq(src, into: Path, requantize: str | None, opts) -> dict:
+    """A GPTQ model as GGUF: without `requantize`, its 4-bit group-32 grids written as Q4_0/Q4_1
+    blocks unchanged (gguf/legacy.py; the embedding Q8_0, as llama.cpp's Q4_0 files have it); with
+    it, dequantized and quantized again by llama.cpp's quantizer into that type."""
+    import json
+    import logging
+    import shutil
+
+    from calora_cli.artifacts import companion_files
+    from calora_cli.gguf import GGUF_FILE
+    from calora_cli.gguf.legacy import gptq_tensors
+    from calora_cli.gguf.writer import write_model
+    from calora_cli.progress import progress
+    from calora_cli.tensor_io import ShardReader
+
+    config = json.loads((src.path / "config.json").read_text())
+    plain = {k: v for k, v in config.items() if k != "quantization_config"}
+    readers = [ShardReader(w) for w in src.weights]
+    target = into / GGUF_FILE
+    try:
+        tensors, file_type = gptq_tensors(readers, config, lossless=requantize is None)
+        staging = target if requantize is None else into / ".float.gguf"
+        with progress("gguf", len(tensors), opts.show_progress) as advance:
+            write_model(staging, plain, src.path, tensors, "F32", src.path.name, on_tensor=lambda: advance(1),
+                        file_type=file_type)
+    finally:
+        for r in readers:
+            r.file.close()
+    if requantize is not None:
+        from calora_cli.gguf.llama import quantize
+
+        logging.getLogger(__name__).warning(f"re-quantizing GPTQ model {src.path} into {requantize}: GPTQ's codes are "
+                                            "rounded again by llama.cpp's quantizer")
+        quantize(staging, target, requantize)
+        staging.unlink()
+    for f in companion_files(src.path):
+        shutil.copy2(f, into / f.name)
+    (into / "config.json").write_text(json.dumps(plain, indent=2, sort_keys=True) + "\n")
+    return {"gguf_type": requantize or file_type.removeprefix("MOSTLY_"), "from_gptq": "requantized" if requantize else "lossless",
+            "tensor_types": fallbacks(tensor_types(target)), "gguf_bytes": target.stat().st_size}

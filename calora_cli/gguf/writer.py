@@ -30,19 +30,22 @@ def _order(name: str, n_layers: int) -> tuple:
     return (-1 if "embed" in name else n_layers, name)
 
 
-def write_model(out: Path, config: dict, tokenizer_dir: Path, tensors: dict[str, tuple[list[int], Callable]],
-                float_type: str, name: str, on_tensor: Callable[[], None] | None = None) -> dict:
-    """Write `out` (a GGUF) from `tensors`: Hugging Face name -> (shape, a function that reads it).
-    Returns {gguf name: hf name} of what was written."""
+def write_model(out: Path, config: dict, tokenizer_dir: Path, tensors: dict[str, tuple],
+                float_type: str, name: str, on_tensor: Callable[[], None] | None = None,
+                file_type: str | None = None) -> dict:
+    """Write `out` (a GGUF) from `tensors`: Hugging Face name -> (shape, a function that reads it),
+    or (shape, a function that reads its llama.cpp blocks as uint8 rows, their GGML type) for a
+    tensor already quantized (legacy.py). Returns {gguf name: hf name} of what was written."""
     import gguf
     import numpy as np
     import torch
 
     names = NameMap(config)
-    ggml_type, file_type = FLOATS[float_type]
+    ggml_type, float_file_type = FLOATS[float_type]
+    file_type = file_type or float_file_type
     w = gguf.GGUFWriter(out, names.arch)
     w.add_type(gguf.GGUFType.MODEL)
-    params = sum(int(np.prod(shape)) for hf, (shape, _) in tensors.items() if names.gguf_name(hf) is not None)
+    params = sum(int(np.prod(entry[0])) for hf, entry in tensors.items() if names.gguf_name(hf) is not None)
     w.add_size_label(gguf.size_label(params, 0, 0, 0))
     add_hparams(w, config, names.arch, int(gguf.LlamaFileType[file_type]))
     tokens = add_vocab(w, tokenizer_dir, config["vocab_size"])
@@ -60,6 +63,14 @@ def write_model(out: Path, config: dict, tokenizer_dir: Path, tensors: dict[str,
         if target is None:
             continue
         shape = tensors[hf][0]
+        if len(tensors[hf]) == 3:  # already in llama.cpp's blocks
+            kind = tensors[hf][2]
+            qtype = gguf.GGMLQuantizationType[kind]
+            block, size = gguf.GGML_QUANT_SIZES[qtype]
+            row_bytes = shape[1] // block * size
+            w.add_tensor_info(target, [shape[0], row_bytes], np.dtype(np.uint8), shape[0] * row_bytes, raw_dtype=qtype)
+            plan.append((hf, target, kind))
+            continue
         kind = ggml_type if len(shape) == 2 else "F32"
         qtype = gguf.GGMLQuantizationType[kind]
         np_dtype = {"F32": np.float32, "F16": np.float16, "BF16": np.int16}[kind]
@@ -71,7 +82,9 @@ def write_model(out: Path, config: dict, tokenizer_dir: Path, tensors: dict[str,
     w.write_ti_data_to_file()
     for hf, target, kind in plan:
         t = names.to_gguf(hf, tensors[hf][1]())
-        if kind == "BF16":
+        if kind not in FLOATS:
+            data = t.contiguous().numpy()
+        elif kind == "BF16":
             data = t.to(torch.bfloat16).contiguous().view(torch.int16).numpy()
         else:
             data = t.to(torch.float16 if kind == "F16" else torch.float32).contiguous().numpy()

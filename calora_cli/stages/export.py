@@ -33,7 +33,7 @@ FORMATS = ("gguf",)
 
 
 def export(model: Path, adapter_dirs: list[Path], out: Path, fmt: str, opts: RunOptions,
-           gguf_type: str | None = None) -> dict:
+           gguf_type: str | None = None, requantize: str | None = None) -> dict:
     from calora_cli.compress import gguf as method
     from calora_cli.gguf import FLOAT_TYPES, GGUF_FILE, TYPES
     from calora_cli.gguf.adapter import exportable_factors, write_lora
@@ -43,12 +43,19 @@ def export(model: Path, adapter_dirs: list[Path], out: Path, fmt: str, opts: Run
     check_output(out, opts.force)
     base = open_artifact(model, expect="model", role="model")
     config = json.loads((base.path / "config.json").read_text())
-    if config.get("quantization_config"):
+    gptq = (config.get("quantization_config") or {}).get("quant_method") == "gptq"
+    if config.get("quantization_config") and not gptq:
         q = config["quantization_config"].get("quant_method", "quantized")
         raise CaloraError(f"model {base.path} is {q}-quantized, which llama.cpp cannot load; export the unquantized "
                           "model with --gguf-type TYPE (llama.cpp's quantizer), or merge --dense first")
-    if gguf_type is not None and gguf_type not in TYPES:
-        raise CaloraError(f"--gguf-type must be one of {', '.join(TYPES)}, got {gguf_type!r}")
+    for flag, value in (("--gguf-type", gguf_type), ("--requantize", requantize)):
+        if value is not None and value not in TYPES:
+            raise CaloraError(f"{flag} must be one of {', '.join(TYPES)}, got {value!r}")
+    if gptq and gguf_type is not None:
+        raise CaloraError("a GPTQ model is written as its own Q4_0/Q4_1 grid, or quantized again with --requantize TYPE; "
+                          "--gguf-type is for unquantized models")
+    if requantize is not None and not gptq:
+        raise CaloraError("--requantize is for GPTQ models; quantize an unquantized model with --gguf-type TYPE")
     if base.gguf and gguf_type is not None:
         raise CaloraError(f"model {base.path} is already a GGUF; it is copied as it is (leave out --gguf-type)")
     arts, names = [], []
@@ -68,6 +75,8 @@ def export(model: Path, adapter_dirs: list[Path], out: Path, fmt: str, opts: Run
             for f in companion_files(base.path):
                 shutil.copy2(f, tmp / f.name)
             metrics = {"gguf_type": "copied", "tensor_types": method.fallbacks(method.tensor_types(tmp / GGUF_FILE))}
+        elif gptq:
+            metrics = method.convert_gptq(base, tmp, requantize, opts)
         else:
             metrics = method.convert(base, tmp, gguf_type or _stored_type(base), None, opts)
         written = {}
@@ -77,7 +86,7 @@ def export(model: Path, adapter_dirs: list[Path], out: Path, fmt: str, opts: Run
             written[name] = write_lora(tmp / "adapters" / f"{name}.gguf", f, config, name)
         metrics["adapters"] = written
         inputs = {"model": base.input_record(), **{f"adapter:{n}": a.input_record() for n, a in zip(names, arts)}}
-        write_manifest(tmp, kind="model", stage="export", params={"format": fmt, "gguf_type": gguf_type,
+        write_manifest(tmp, kind="model", stage="export", params={"format": fmt, "gguf_type": gguf_type, "requantize": requantize,
                                                                    "adapters": names},
                        inputs=inputs, metrics=metrics, lineage=base.lineage)
     serve = serve_commands(out, names)
