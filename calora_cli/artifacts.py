@@ -195,6 +195,7 @@ class Artifact:
     manifest: dict[str, Any] | None
     fingerprint: str
     weights: list[Path] = field(default_factory=list)
+    source: Path | None = None  # what the user named, when `path` is a view of it (a bare .gguf file)
 
     @property
     def gguf(self) -> bool:
@@ -213,7 +214,7 @@ class Artifact:
         return (self.manifest or {}).get("base_fingerprint")
 
     def input_record(self) -> dict[str, str]:
-        return {"path": str(self.path), "fingerprint": self.fingerprint}
+        return {"path": str(self.source or self.path), "fingerprint": self.fingerprint}
 
 
 def _validate_manifest(path: Path, m: Any) -> dict[str, Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,14 +37,34 @@ def seed_everything(seed: int) -> None:
 def check_fits(adapter: Artifact, model: Artifact, opts: RunOptions) -> None:
     """Refuse an adapter made for a model `model` does not descend from (unless
     --allow-base-mismatch); warn when the adapter records no base to check against."""
+    if model.source is not None and adapter.base_fingerprint not in model.lineage:
+        # a bare file (a downloaded GGUF) has no lineage; its shapes are checked where it is loaded
+        log.warning(f"{model.source} records no lineage: assuming adapter {adapter.path} was trained on the model it "
+                    "was made from")
+        return
     note = check_adapter_base(adapter, model, opts.allow_base_mismatch)
     if note:
         log.warning(note)
 
 
+def open_model(path: Path, role: str = "model", hf_folder: Path | None = None) -> Artifact:
+    """A model artifact, or a bare .gguf file seen as one (gguf/view.py: its config and tokenizer
+    from `hf_folder`, the model it was made from, or from the file's own metadata)."""
+    path = Path(path)
+    if path.is_file() and path.suffix == ".gguf":
+        from calora_cli.artifacts import check_gguf_header
+        from calora_cli.gguf.view import view_of
+
+        check_gguf_header(path)
+        art = open_artifact(view_of(path, hf_folder), expect="model", role=role)
+        art.source = path
+        return art
+    return open_artifact(path, expect="model", role=role)
+
+
 def open_model_and_adapter(model: Path, adapter: Path | None, opts: RunOptions) -> tuple[Artifact, Artifact | None]:
     """Check a model (and an adapter meant for it) before anything heavy is loaded."""
-    model_art = open_artifact(model, expect="model", role="model")
+    model_art = open_model(model)
     adapter_art = None
     if adapter is not None:
         adapter_art = open_artifact(adapter, expect="adapter", role="adapter")
@@ -51,11 +72,62 @@ def open_model_and_adapter(model: Path, adapter: Path | None, opts: RunOptions) 
     return model_art, adapter_art
 
 
+# a compression's weights stay this close to the original's (relative Frobenius error; measured 0.05-0.5
+# from 8-bit to 2-bit quantization and 50% pruning); another model's are ~1.4 away
+CLOSE_ENOUGH = 0.75
+
+
 def check_descends(model: Artifact, origin: Artifact, what: str, opts: RunOptions) -> None:
     """Refuse a compressed `model` that was not made from `origin` (a teacher, a dense twin), unless
-    --allow-base-mismatch. `what`: how it should have been made ("pruned from")."""
-    if origin.fingerprint not in model.lineage and not opts.allow_base_mismatch:
-        raise CaloraError(f"{model.path} was not {what} {origin.path}; pass --allow-base-mismatch to use it anyway")
+    --allow-base-mismatch. `what`: how it should have been made ("pruned from"). A model without a
+    calora manifest (downloaded, or made by another tool) has no lineage to check: its first decoder
+    layer's weights must then lie close to the origin's instead."""
+    if origin.fingerprint in model.lineage or opts.allow_base_mismatch:
+        return
+    where = model.source or model.path
+    if model.manifest is None:
+        distance = weight_distance(model, origin)
+        if distance <= CLOSE_ENOUGH:
+            return
+        if math.isinf(distance):
+            raise CaloraError(f"{where} has no calora lineage, and its first layer's tensors do not match "
+                              f"{origin.path}'s in names or shapes; pass --allow-base-mismatch to use it anyway")
+        raise CaloraError(f"{where} has no calora lineage, and its weights lie {distance:.2f} (relative) from "
+                          f"{origin.path}'s, too far for a compression of it; pass --allow-base-mismatch to use it anyway")
+    raise CaloraError(f"{where} was not {what} {origin.path}; pass --allow-base-mismatch to use it anyway")
+
+
+def weight_distance(model: Artifact, origin: Artifact) -> float:
+    """Relative distance ||W - W_model|| / ||W|| over the first decoder layer's linear weights, the
+    model's read as calora computes with them (dequantized GPTQ or GGUF)."""
+    import torch
+
+    from calora_cli.streaming import LayerSource
+    from calora_cli.tensor_io import ShardReader
+
+    source = LayerSource(model.path, model.weights, torch.float32, torch.device("cpu"))
+    readers = [ShardReader(w) for w in origin.weights] if not origin.gguf else []
+    try:
+        num = den = 0.0
+        for r in readers:
+            for name in r.names():
+                if not (name.startswith("model.layers.0.") and name.endswith(".weight")) or len(r.header[name]["shape"]) != 2:
+                    continue
+                theirs = source._packed(name) if source.gptq else None
+                if theirs is None:
+                    if name not in source.where:
+                        return math.inf
+                    theirs = source.read(name)
+                w = r.get_tensor(name).float()
+                if tuple(theirs.shape) != tuple(w.shape):
+                    return math.inf
+                num += float(((w - theirs.float()) ** 2).sum())
+                den += float((w**2).sum())
+        return math.sqrt(num / den) if den else math.inf
+    finally:
+        source.close()
+        for r in readers:
+            r.file.close()
 
 
 def available_memory() -> int:

@@ -6,7 +6,10 @@
 # inherited LoRA trained further on the GGUF base, (5) (4) started from the rank-16 compensation.
 GG        ?= $(OUT)/gguf
 GG_MODEL  ?= $(MODEL_DIR)
-GG_TYPES  ?= Q4_0 Q4_K_M
+# GGUF bases: llama.cpp's types, Q4_0-imatrix (Q4_0 with an importance matrix from the calibration
+# text) and GPTQ-Q4_0 (calora's GPTQ, 4-bit groups of 32, written as Q4_0 without re-rounding)
+GG_TYPES  ?= Q4_0 Q4_K_M GPTQ-Q4_0
+GG_EXTRA  ?= Q4_0-imatrix
 GG_RANKS  ?= 16 64
 GG_FROM   ?= 16
 GG_STEPS  ?= 40
@@ -26,9 +29,18 @@ $(GG)/F32/model/calora.json: $(GG_MODEL)/config.json
 $(GG)/F32/eval-lora.json: $(GG)/F32/model/calora.json $(GG)/lora/calora.json $(GG)/held-out.txt
 	$(CA_TIME) $(GG)/F32/eval-lora.time $(CALORA) eval $(GG)/F32/model --adapter $(GG)/lora $(GG_EVAL) -o $@
 
-define GG_TYPE
+gg_make_Q4_0-imatrix = $(CALORA) compress $(GG_MODEL) -o $(GG)/Q4_0-imatrix/model --method gguf --gguf-type Q4_0 $(GG_CALIB) -q --force
+$(GG)/gptq32/calora.json: $(GG_MODEL)/config.json
+	$(CA_TIME) $(GG)/gptq32.time $(CALORA) compress $(GG_MODEL) -o $(GG)/gptq32 --method gptq --bits 4 --group-size 32 $(GG_CALIB) -q --force
+$(GG)/GPTQ-Q4_0/model/calora.json: $(GG)/gptq32/calora.json
+	$(CA_TIME) $(GG)/GPTQ-Q4_0/model.time $(CALORA) export $(GG)/gptq32 -o $(GG)/GPTQ-Q4_0/model -q --force
+
+define GG_BASE
 $(GG)/$(1)/model/calora.json: $(GG_MODEL)/config.json
-	$(CA_TIME) $(GG)/$(1)/model.time $(CALORA) compress $(GG_MODEL) -o $(GG)/$(1)/model --method gguf --gguf-type $(1) -q --force
+	$(CA_TIME) $(GG)/$(1)/model.time $(or $(gg_make_$(1)),$(CALORA) compress $(GG_MODEL) -o $(GG)/$(1)/model --method gguf --gguf-type $(1) -q --force)
+endef
+
+define GG_TYPE
 $(GG)/$(1)/eval-base.json: $(GG)/$(1)/model/calora.json $(GG)/held-out.txt
 	$(CALORA) eval $(GG)/$(1)/model $(GG_EVAL) -o $$@
 $(GG)/$(1)/eval-asis.json: $(GG)/$(1)/model/calora.json $(GG)/lora/calora.json $(GG)/held-out.txt
@@ -57,16 +69,18 @@ $(GG)/$(1)/eval-%.json: $(GG)/$(1)/%/calora.json $(GG)/held-out.txt
 	$(CALORA) eval $(GG)/$(1)/model --adapter $(GG)/$(1)/$$* $(GG_EVAL) -o $$@
 endef
 .PRECIOUS: $(GG)/%/calora.json
-$(foreach t,$(GG_TYPES),$(eval $(call GG_TYPE,$(t))))
+$(foreach t,$(filter-out GPTQ-Q4_0,$(GG_TYPES)) $(GG_EXTRA),$(eval $(call GG_BASE,$(t))))
+$(foreach t,$(GG_TYPES) $(GG_EXTRA),$(eval $(call GG_TYPE,$(t))))
 
 # the training-free arms first (make runs prerequisites in order): a cut-off run has them
 GG_EVALS := $(GG)/F32/eval-lora.json \
     $(foreach t,$(GG_TYPES),$(GG)/$(t)/eval-base.json $(GG)/$(t)/eval-asis.json \
         $(foreach r,$(GG_RANKS),$(GG)/$(t)/eval-comp$(r).json) $(GG)/$(t)/eval-basecomp$(GG_FROM).json) \
+    $(foreach t,$(GG_EXTRA),$(GG)/$(t)/eval-base.json $(GG)/$(t)/eval-asis.json) \
     $(foreach t,$(GG_TYPES),$(GG)/$(t)/eval-trained.json $(GG)/$(t)/eval-trained-comp.json)
 
 .PHONY: gguf
 gguf: $(GG)/results.md
 	@cat $<
 $(GG)/results.md: $(GG_EVALS)
-	$(PY) gguf_table.py $(GG) "$(GG_TYPES)" "$(GG_RANKS)" $(GG_FROM) $(GG)/results.png > $@
+	$(PY) gguf_table.py $(GG) "$(GG_TYPES) $(GG_EXTRA)" "$(GG_RANKS)" $(GG_FROM) $(GG)/results.png > $@

@@ -11,7 +11,7 @@ from calora_cli.data import read_multiple_choice, read_text, tokenize_text
 from calora_cli.errors import CaloraError
 from calora_cli.models import load_model, load_tokenizer
 from calora_cli.progress import progress
-from calora_cli.run import RunOptions, available_memory, open_model_and_adapter, resident_bytes
+from calora_cli.run import RunOptions, available_memory, open_model, open_model_and_adapter, resident_bytes
 
 ENGINES = ("torch", "llama.cpp")
 
@@ -69,7 +69,7 @@ def evaluate(
 
         manager = bridge.check_tasks(harness, harness_include)  # before the model loads: bad names fail fast
 
-    tokenizer = load_tokenizer(model_dir)
+    tokenizer = load_tokenizer(model_art.path)
     quantized = bool(json.loads((model_art.path / "config.json").read_text()).get("quantization_config"))
     if stream is None:
         stream = not quantized and resident_bytes(model_art, opts.dtype) > available_memory() // 2
@@ -77,7 +77,7 @@ def evaluate(
         lm_eval_args = (harness, manager, num_fewshot, limit) if harness else None
         return _streamed(model_art, adapter_art, tokenizer, text, tasks, seq_len, stride, batch_size, activation_gb,
                          lm_eval_args, opts)
-    model = load_model(model_dir, opts.device, opts.dtype)
+    model = load_model(model_art.path, opts.device, opts.dtype)
     if adapter_art is not None:
         model = adapters.attach(model, adapter_art)
     model.eval()
@@ -116,7 +116,7 @@ def _llamacpp(model_dir: Path, adapter_paths: list[Path], ppl_file, task_files, 
     from calora_cli.gguf.llama import Engine, TokenizerView
     from calora_cli.run import check_fits
 
-    model_art = open_artifact(model_dir, expect="model", role="model")
+    model_art = open_model(model_dir)
     if not model_art.gguf:
         raise CaloraError(f"--engine llama.cpp runs a GGUF model; {model_art.path} is not one (make one with "
                           "calora compress --method gguf or calora export)")
@@ -139,7 +139,7 @@ def _llamacpp(model_dir: Path, adapter_paths: list[Path], ppl_file, task_files, 
             write_lora(files[-1], exportable_factors(art), config, art.path.name)
         engine = Engine(model_art.weights[0], files, n_ctx=seq_len)
         try:
-            pad = load_tokenizer(model_dir).pad_token_id
+            pad = load_tokenizer(model_art.path).pad_token_id
             tok = TokenizerView(engine, pad)
             out: dict = {"model": str(model_dir), "adapter": [str(a) for a in adapter_paths] or None, "engine": "llama.cpp"}
             if text is not None:

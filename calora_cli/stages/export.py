@@ -27,7 +27,7 @@ from calora_cli.artifacts import (
     write_manifest,
 )
 from calora_cli.errors import CaloraError
-from calora_cli.run import RunOptions
+from calora_cli.run import RunOptions, open_model
 
 FORMATS = ("gguf",)
 
@@ -41,7 +41,7 @@ def export(model: Path, adapter_dirs: list[Path], out: Path, fmt: str, opts: Run
     if fmt not in FORMATS:
         raise CaloraError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     check_output(out, opts.force)
-    base = open_artifact(model, expect="model", role="model")
+    base = open_model(model)
     config = json.loads((base.path / "config.json").read_text())
     gptq = (config.get("quantization_config") or {}).get("quant_method") == "gptq"
     if config.get("quantization_config") and not gptq:

@@ -25,7 +25,7 @@ from calora_cli.artifacts import (
 )
 from calora_cli.methods.ca_lora.transfer import CompensateSpec
 from calora_cli.errors import CaloraError
-from calora_cli.run import RunOptions, check_descends, check_fits
+from calora_cli.run import RunOptions, check_descends, check_fits, open_model
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ def inherit(adapter: Path | None, base: Path, out: Path, opts: RunOptions, compe
             raise CaloraError("give the LoRA to carry over, or --compensate RANK for the base's own compensation")
         return _base_compensation(base, out, opts, compensation)
     ad_art = open_artifact(adapter, expect="adapter", role="adapter")
-    base_art = open_artifact(base, expect="model", role="base")
+    base_art = open_model(base, "base", compensation.teacher if compensation is not None else None)
     teacher_art = None
     if compensation is not None:
         compensation.check()
@@ -148,7 +148,7 @@ def _compensate(tmp: Path, base_art, teacher_art, factors: dict, config: dict, s
 
 def _base_compensation(base: Path, out: Path, opts: RunOptions, spec: CompensateSpec) -> dict:
     """Every block linear's compensation, calibrated on the compressed base alone, as a peft LoRA."""
-    base_art = open_artifact(base, expect="model", role="base")
+    base_art = open_model(base, "base", spec.teacher)
     spec.check()
     teacher_art = open_artifact(spec.teacher, expect="model", role="teacher")
     check_descends(base_art, teacher_art, "compressed from the teacher", opts)

@@ -26,7 +26,7 @@ from calora_cli.distill import DistillSpec, cache_teacher, load_teacher, make_lo
 from calora_cli.errors import CaloraError
 from calora_cli.methods.ca_lora import format as ca_format
 from calora_cli.progress import progress
-from calora_cli.run import RunOptions, check_descends, check_fits, check_training_memory, seed_everything
+from calora_cli.run import RunOptions, check_descends, check_fits, check_training_memory, open_model, seed_everything
 from calora_cli.train import Checkpoints, TrainConfig, train_loop
 
 
@@ -58,7 +58,7 @@ def recover(adapter: Path, base: Path, teacher: Path, teacher_adapter: Path, dat
     if adapters.kind_of(ad) == "nola":
         raise CaloraError(f"{adapter} is a NOLA adapter: `calora inherit` it onto the compressed model first "
                           "(it carries a NOLA adapter over as its expanded LoRA), then recover that")
-    base_art = open_artifact(base, expect="model", role="base")
+    base_art = open_model(base, "base", teacher)
     t_art = open_artifact(teacher, expect="model", role="teacher")
     ta = open_artifact(teacher_adapter, expect="adapter", role="teacher adapter")
     for a, m in ((ad, base_art), (ta, t_art)):
