@@ -26,7 +26,7 @@ from calora_cli.artifacts import (
 )
 from calora_cli.errors import CaloraError
 from calora_cli.progress import progress
-from calora_cli.run import RunOptions, check_fits
+from calora_cli.run import RunOptions, check_fits, open_model
 from calora_cli.tensor_io import ReadBuffers, ShardReader, dtype_code, tensor_names, write_tensors
 
 log = logging.getLogger(__name__)
@@ -248,8 +248,11 @@ def merge(base: Path, adapters: list[Path], out: Path, opts: RunOptions, weights
     weights = weights if weights is not None else [1.0] * len(adapters)
     if len(weights) != len(adapters):
         raise CaloraError(f"--weights has {len(weights)} values for {len(adapters)} adapters")
-    base_art = open_artifact(base, expect="model", role="base")
+    base_art = open_model(base, "base")
     config = json.loads((base_art.path / "config.json").read_text())
+    if base_art.gguf and not dense:
+        raise CaloraError(f"{base_art.source or base_art.path} is a GGUF: merge it into a dense model (--dense), or keep "
+                          "the adapter apart for llama.cpp to apply at run time (calora export --adapter)")
     if grid not in GRIDS:
         raise CaloraError(f"--grid must be one of {', '.join(GRIDS)}, got {grid!r}")
     gptq = _quantization(config, grid)
@@ -270,6 +273,8 @@ def merge(base: Path, adapters: list[Path], out: Path, opts: RunOptions, weights
         for module, f in adapter_factors(art).items():
             plan.setdefault(module, []).append((w, f))
     keep = keep_sparsity or masked_any
+    if base_art.gguf:
+        return _merge_gguf(base_art, config, arts, plan, keep, weights, out, opts)
     suffix = ".qweight" if gptq else ".weight"
     present = {n.removesuffix(suffix) for shard in base_art.weights for n in tensor_names(shard) if n.endswith(suffix)}
     missing = sorted(set(plan) - present)
@@ -308,4 +313,44 @@ def merge(base: Path, adapters: list[Path], out: Path, opts: RunOptions, weights
         log.warning(f"the merge filled {metrics['zeros_filled']} zeros of the base's adapted layers "
                   f"(sparsity {metrics['sparsity_before']:.1%} -> {metrics['sparsity_after']:.1%}); "
                   "use --keep-sparsity or a sparsified adapter to keep them")
+    return {"output": str(out), **metrics}
+
+
+def _merge_gguf(base_art, config: dict, arts, plan: dict, keep: bool, weights, out: Path, opts: RunOptions) -> dict:
+    """A GGUF base merged into a dense safetensors model: each tensor dequantized as llama.cpp holds
+    it (gguf/reader.py), the adapters' deltas added, written in config.json's dtype one at a time."""
+    import torch
+
+    from calora_cli.gguf.reader import GGUFTensors
+
+    source = GGUFTensors(base_art.weights[0], config)
+    missing = sorted(set(plan) - {n.removesuffix(".weight") for n in source.where})
+    if missing:
+        raise CaloraError(f"the base has no weight {missing[0]} that the adapter adapts ({len(missing)} missing)")
+    dtype = _dense_dtype(config)
+    names = sorted(source.where)
+    entries = [(n, dtype_code(dtype), source.shape(n)) for n in names]
+    folder = _Folder(plan, keep, lambda: None)
+    with atomic_output(out, opts.force) as tmp, progress("merge", len(names), opts.show_progress) as advance:
+        for f in companion_files(base_art.path):
+            shutil.copy2(f, tmp / f.name)
+
+        def produce(name: str) -> "torch.Tensor":
+            t = source.get_tensor(name)
+            module = name.removesuffix(".weight")
+            if name.endswith(".weight") and module in plan:
+                t = folder.dense(module, t)
+            advance(1)
+            return t.to(dtype).contiguous()
+
+        digest = write_tensors(tmp / "model.safetensors", entries, produce, {"format": "pt"}, hashed=True)
+        stats = folder.stats
+        n = max(1, stats["elements"])
+        metrics = {"merged_modules": stats["merged_modules"], "sparsity_before": stats["zeros_before"] / n,
+                   "sparsity_after": stats["zeros_after"] / n}
+        inputs = {"base": base_art.input_record(), **{f"adapter{i}": a.input_record() for i, a in enumerate(arts)}}
+        params = {"weights": weights, "keep_sparsity": keep, "adapters": len(arts), "quantized": "dense (from GGUF)"}
+        write_manifest(tmp, kind="model", stage="merge", params=params, inputs=inputs, metrics=metrics,
+                       lineage=base_art.lineage, known_hashes={"model.safetensors": digest})
+    source.close()
     return {"output": str(out), **metrics}

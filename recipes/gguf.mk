@@ -10,6 +10,8 @@ GG_MODEL  ?= $(MODEL_DIR)
 # text) and GPTQ-Q4_0 (calora's GPTQ, 4-bit groups of 32, written as Q4_0 without re-rounding)
 GG_TYPES  ?= Q4_0 Q4_K_M GPTQ-Q4_0
 GG_EXTRA  ?= Q4_0-imatrix
+# the trained arms (4, 5) take ~15 min each on 2 cores: on these bases only
+GG_TRAINED ?= Q4_0
 GG_RANKS  ?= 16 64
 GG_FROM   ?= 16
 GG_STEPS  ?= 40
@@ -77,7 +79,7 @@ GG_EVALS := $(GG)/F32/eval-lora.json \
     $(foreach t,$(GG_TYPES),$(GG)/$(t)/eval-base.json $(GG)/$(t)/eval-asis.json \
         $(foreach r,$(GG_RANKS),$(GG)/$(t)/eval-comp$(r).json) $(GG)/$(t)/eval-basecomp$(GG_FROM).json) \
     $(foreach t,$(GG_EXTRA),$(GG)/$(t)/eval-base.json $(GG)/$(t)/eval-asis.json) \
-    $(foreach t,$(GG_TYPES),$(GG)/$(t)/eval-trained.json $(GG)/$(t)/eval-trained-comp.json)
+    $(foreach t,$(GG_TRAINED),$(GG)/$(t)/eval-trained.json $(GG)/$(t)/eval-trained-comp.json)
 
 .PHONY: gguf
 gguf: $(GG)/results.md

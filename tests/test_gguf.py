@@ -388,3 +388,37 @@ def test_asymmetric_gptq_grid_is_q4_1():
     raw = blocks(sym, 4, True, "Q4_0").numpy()
     back = torch.from_numpy(gguf_dequantize(np.ascontiguousarray(raw), GGMLQuantizationType.Q4_0).reshape(48, 128))
     assert torch.equal(back, dequantize(sym, 4, True))
+
+
+def test_bare_gguf_file_and_merge(cli, tmp_path, wide_base, wide_lora, calib_text):
+    """A .gguf file with nothing beside it (as downloaded): eval reads its config and tokenizer from
+    the file's own metadata and scores as the artifact does; inherit --compensate takes it with the
+    model it came from as --teacher (lineage replaced by how close its weights lie to the teacher's,
+    and another model refused); merge --dense folds an adapter into it as calora's eval applies it."""
+    import shutil
+
+    ppl = ["--ppl", HELD_OUT, "--seq-len", "64"]
+    q = tmp_path / "q"
+    _run(cli, "compress", wide_base, "-o", q, "--method", "gguf", "--gguf-type", "Q4_0")
+    bare = tmp_path / "downloads" / "wide-Q4_0.gguf"
+    bare.parent.mkdir()
+    shutil.copy2(q / "model.gguf", bare)
+    assert _run(cli, "eval", bare, *ppl)["perplexity"] == pytest.approx(_run(cli, "eval", q, *ppl)["perplexity"], rel=1e-6)
+    calib = ["--calib", calib_text, "--calib-samples", "4", "--seq-len", "64"]
+    comp = _run(cli, "inherit", wide_lora, "--base", bare, "-o", tmp_path / "comp", "--compensate", "8",
+                "--teacher", wide_base, *calib)
+    assert comp["carried"] == 14
+    record = json.loads((tmp_path / "comp" / "calora.json").read_text())["inputs"]["base"]["path"]
+    assert record == str(bare)  # the file the user named, not the temporary view of it
+    other = tmp_path / "other"
+    _model("llama", other, wide_base, hidden=256, intermediate=512, heads=4, layers=2)
+    line = one_line_error(cli("inherit", wide_lora, "--base", bare, "-o", tmp_path / "no", "--compensate", "8",
+                              "--teacher", other, *calib))
+    assert "no calora lineage" in line and "--allow-base-mismatch" in line
+
+    merged = _run(cli, "merge", q, "--adapter", wide_lora, "--dense", "-o", tmp_path / "merged")
+    assert merged["merged_modules"] == 14
+    with_adapter = _run(cli, "eval", q, "--adapter", wide_lora, *ppl)
+    assert _run(cli, "eval", tmp_path / "merged", *ppl)["perplexity"] == pytest.approx(with_adapter["perplexity"], rel=1e-5)
+    line = one_line_error(cli("merge", q, "--adapter", wide_lora, "-o", tmp_path / "no"))
+    assert "--dense" in line and "export" in line
