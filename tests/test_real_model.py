@@ -57,3 +57,28 @@ def test_smollm2_pipeline_prune_train_sparsify_merge(cli, smollm2, tmp_path):
     _ok(cli("sparsify-adapter", tmp_path / "lora", "--base", tmp_path / "w50", "-o", tmp_path / "s", "--data", text, *small))
     m = _ok(cli("merge", tmp_path / "w50", "--adapter", tmp_path / "s", "-o", tmp_path / "m", "--json"))
     assert m["zeros_filled"] == 0 and m["merged_modules"] == 30 * 7
+
+
+def test_smollm2_in_llama_cpp(cli, smollm2, tmp_path):
+    """SmolLM2 through compress --method gguf: llama.cpp tokenizes held-out text exactly as the
+    model's tokenizer, and its F16 log-probabilities match calora's on the same weights (1e-3)."""
+    import math
+
+    from transformers import AutoTokenizer
+
+    from calora_cli.gguf.llama import Engine
+
+    text = tmp_path / "held-out.txt"
+    text.write_text((SHK / "plays" / "histories--richard-ii.txt").read_text()[:8000])
+    _ok(cli("compress", smollm2, "-o", tmp_path / "f16", "--method", "gguf", "--gguf-type", "F16", "--json", "-q"))
+    engine = Engine(tmp_path / "f16" / "model.gguf", n_ctx=64)
+    try:
+        tok = AutoTokenizer.from_pretrained(smollm2)
+        sample = text.read_text() + "\n 2024 3.14159 it's  spaced\tout ünïcödé 日本語\n"
+        assert engine.tokenize(sample) == tok(sample, add_special_tokens=False)["input_ids"]
+    finally:
+        engine.close()
+    args = ["--ppl", text, "--seq-len", "256", "--json", "-q"]
+    ours = _ok(cli("eval", tmp_path / "f16", *args))
+    theirs = _ok(cli("eval", tmp_path / "f16", "--engine", "llama.cpp", *args))
+    assert abs(math.log(ours["perplexity"]) - math.log(theirs["perplexity"])) < 1e-3

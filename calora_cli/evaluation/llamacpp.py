@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from calora_cli.evaluation.multiple_choice import TaskResult, decide, score_choices, split_tokens
+from calora_cli.evaluation.multiple_choice import TaskResult, score_choices, split_tokens, tally
 from calora_cli.evaluation.perplexity import result, score_windows, windows
 
 
@@ -33,19 +33,13 @@ def accuracy(engine, tokenizer, items, max_len: int, on_item: Callable | None = 
     """Each choice scored as its own sequence (llama.cpp has no padding to batch them)."""
     import torch
 
-    hits = hits_norm = 0
-    for item in items:
+    def logprobs(item) -> list[float]:
         lp = []
         for c in item.choices:
             ctx, cont = split_tokens(tokenizer, item.context, c)
             ids = (ctx + cont)[-max_len:]
             n_cont = min(len(cont), len(ids) - 1)
-            x = torch.tensor([ids])
-            lp += score_choices(engine.logits(ids)[None], x, [(len(ids) - n_cont, len(ids))])
-        hit, hit_norm = decide(item, lp)
-        hits += hit
-        hits_norm += hit_norm
-        if on_item is not None:
-            on_item(1)
-    n = len(items)
-    return TaskResult(hits / n, hits_norm / n, n)
+            lp += score_choices(engine.logits(ids)[None], torch.tensor([ids]), [(len(ids) - n_cont, len(ids))])
+        return lp
+
+    return tally(items, logprobs, on_item)

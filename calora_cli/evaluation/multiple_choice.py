@@ -89,9 +89,15 @@ def accuracy(
     max_len: int = 512,
     on_item: Callable[..., None] | None = None,
 ) -> TaskResult:
+    return tally(items, lambda item: choice_logprobs(model, tokenizer, item, max_len), on_item)
+
+
+def tally(items: list[MCItem], logprobs: Callable[[MCItem], list[float]],
+          on_item: Callable[..., None] | None = None) -> TaskResult:
+    """acc and acc_norm over the items, from each item's choice log-probs (`logprobs`)."""
     hits = hits_norm = 0
     for item in items:
-        hit, hit_norm = decide(item, choice_logprobs(model, tokenizer, item, max_len))
+        hit, hit_norm = decide(item, logprobs(item))
         hits += hit
         hits_norm += hit_norm
         if on_item is not None:
