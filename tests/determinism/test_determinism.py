@@ -45,6 +45,8 @@ def stages(base: Path, lora: Path, pruned: Path, gptq: Path, nola: Path) -> dict
         "merge-gptq": ["merge", gptq, "--adapter", lora],
         "compress-lora-to-nola": ["compress", lora, "--method", "nola", "--bases", "16", "--data", TEXT, *SMALL],
         "expand-nola": ["compress", nola, "--method", "expand"],
+        "compress-gguf-q4_k_m-imatrix": ["compress", base, "--method", "gguf", "--gguf-type", "Q4_K_M", *calib],
+        "export-gguf": ["export", gptq, "--adapter", lora],
     }
 
 
