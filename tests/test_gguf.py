@@ -119,6 +119,7 @@ def test_family_round_trip_in_llama_cpp(cli, tmp_path, text, family):
     lora = _random_lora(base, tmp_path / "lora", seed=1, **VARIANTS[family])
     ppl = ["--ppl", text, "--seq-len", "64"]
 
+    ppl += ["--tasks", SHK.parent / "tasks" / "socialiqa.jsonl", "--limit", "8"]
     reference = _run(cli, "eval", base, "--adapter", lora, *ppl)
     gguf32 = tmp_path / "f32"
     _run(cli, "compress", base, "-o", gguf32, "--method", "gguf", "--gguf-type", "F32")
@@ -127,6 +128,7 @@ def test_family_round_trip_in_llama_cpp(cli, tmp_path, text, family):
                   exported["adapters"]["lora"], *ppl)
     assert served["tokens"] == reference["tokens"]  # llama.cpp tokenized the text as the model's tokenizer
     assert abs(_logppl(served) - _logppl(reference)) < FLOAT_TOL
+    assert served["tasks"] == reference["tasks"]  # the same choices win, scored in llama.cpp
     # the GGUF read back by calora (names and q/k permutation undone) is the model itself
     read_back = _run(cli, "eval", gguf32, "--adapter", lora, *ppl)
     assert read_back["perplexity"] == pytest.approx(reference["perplexity"], rel=1e-6)

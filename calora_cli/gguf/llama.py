@@ -95,6 +95,7 @@ class Engine:
             except (ValueError, RuntimeError) as e:
                 raise CaloraError(f"llama.cpp cannot load {model}: {str(e).splitlines()[0]}") from None
         self.n_ctx = n_ctx
+        self._last: list[int] = []  # the sequence in the cache
         self.adapters = []
         for path in adapters or []:
             with _quiet_stderr():
@@ -120,13 +121,22 @@ class Engine:
         return self.llm.detokenize(list(ids)).decode("utf-8", errors="replace")
 
     def logits(self, ids: list[int]) -> "torch.Tensor":
-        """(len(ids), vocab) float32 logits of one sequence, from a fresh context."""
+        """(len(ids), vocab) float32 logits of one sequence. The tokens it shares at its start with
+        the sequence scored before are not run again: their cache entries and logits are kept (the
+        choices of a multiple-choice item share their context), the rest of the cache is dropped."""
         import torch
 
+        ids = [int(i) for i in ids]
         if len(ids) > self.n_ctx:
             raise AssertionError(f"{len(ids)} tokens exceed the context of {self.n_ctx}")
-        self.llm.reset()  # the next eval drops the whole cache: every sequence starts afresh
-        self.llm.eval(list(map(int, ids)))
+        kept = 0
+        for a, b in zip(self._last, ids[:-1]):  # at least one token is run, so the context is current
+            if a != b:
+                break
+            kept += 1
+        self.llm.n_tokens = kept  # eval drops the cache from here on
+        self.llm.eval(ids[kept:])
+        self._last = ids
         return torch.from_numpy(self.llm.scores[: len(ids)].copy())
 
     def close(self) -> None:
