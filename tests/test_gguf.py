@@ -424,3 +424,18 @@ def test_bare_gguf_file_and_merge(cli, tmp_path, wide_base, wide_lora, calib_tex
     assert _run(cli, "eval", tmp_path / "merged", *ppl)["perplexity"] == pytest.approx(with_adapter["perplexity"], rel=1e-5)
     line = one_line_error(cli("merge", q, "--adapter", wide_lora, "-o", tmp_path / "no"))
     assert "--dense" in line and "export" in line
+
+
+def test_nola_adapter_expanded_for_llama_cpp(cli, tmp_path, text, tiny_base):
+    """A NOLA adapter (seed + coefficients) is exported as the LoRA its bases expand to: llama.cpp
+    applies it as calora's evaluation of the NOLA adapter does."""
+    nola = tmp_path / "nola"
+    _run(cli, "train", tiny_base, "--data", text, "-o", nola, "--kind", "nola", "--bases", "16", "--steps", "3",
+         "--seq-len", "32", "--batch-size", "2", "--lr", "5e-2")
+    out = _run(cli, "export", tiny_base, "--adapter", nola, "-o", tmp_path / "export")
+    ppl = ["--ppl", text, "--seq-len", "64"]
+    served = _run(cli, "eval", tmp_path / "export", "--engine", "llama.cpp", "--adapter", out["adapters"]["nola"], *ppl)
+    ours = _run(cli, "eval", tiny_base, "--adapter", nola, *ppl)
+    assert abs(_logppl(served) - _logppl(ours)) < FLOAT_TOL
+    plain = _run(cli, "eval", tiny_base, *ppl)
+    assert abs(_logppl(plain) - _logppl(ours)) > 10 * FLOAT_TOL  # the NOLA delta is not nothing

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from calora_cli.arch import LAYERS_PREFIX
+from calora_cli.errors import CaloraError
 from calora_cli.gguf.metadata import add_hparams, add_vocab
 from calora_cli.gguf.names import NameMap
 
@@ -82,6 +83,8 @@ def write_model(out: Path, config: dict, tokenizer_dir: Path, tensors: dict[str,
     w.write_ti_data_to_file()
     for hf, target, kind in plan:
         t = names.to_gguf(hf, tensors[hf][1]())
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise CaloraError(f"the model has NaN or Inf values in {hf}")
         if kind not in FLOATS:
             data = t.contiguous().numpy()
         elif kind == "BF16":
