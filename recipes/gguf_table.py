@@ -40,6 +40,8 @@ def main(root: str, types: str, rank_list: str, start: str, png: str | None = No
                                            seconds(root / "lora.time")]))
     for t in types.split():
         d = root / t
+        if not (d / "eval-asis.json").exists():  # a base not reached yet (make resumes)
+            continue
         asis = load(d / "eval-asis.json")
         gap = asis["perplexity"] - original["perplexity"]
         arms = [("base alone, no LoRA", d / "eval-base.json", None, None),

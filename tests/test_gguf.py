@@ -448,3 +448,21 @@ def test_nola_adapter_expanded_for_llama_cpp(cli, tmp_path, text, tiny_base):
     assert abs(_logppl(served) - _logppl(ours)) < FLOAT_TOL
     plain = _run(cli, "eval", tiny_base, *ppl)
     assert abs(_logppl(plain) - _logppl(ours)) > 10 * FLOAT_TOL  # the NOLA delta is not nothing
+
+
+def test_sparsify_against_a_float_gguf_of_a_pruned_base(cli, tmp_path, tiny_base, tiny_lora):
+    """A pruned model's F16 GGUF keeps its zeros exactly: sparsify-adapter against it gives the adapter
+    it gives against the pruned safetensors model; a quantized GGUF's zeros are refused as masks."""
+    from safetensors.torch import load_file
+
+    pruned = tmp_path / "pruned"
+    _run(cli, "compress", tiny_base, "-o", pruned, "--method", "magnitude", "--sparsity", "0.5")
+    _run(cli, "compress", pruned, "-o", tmp_path / "f16", "--method", "gguf", "--gguf-type", "F16")
+    _run(cli, "compress", pruned, "-o", tmp_path / "q8", "--method", "gguf", "--gguf-type", "Q8_0")
+    a = _run(cli, "sparsify-adapter", tiny_lora, "--base", pruned, "-o", tmp_path / "a")
+    b = _run(cli, "sparsify-adapter", tiny_lora, "--base", tmp_path / "f16", "-o", tmp_path / "b")
+    assert a["base_sparsity"] == b["base_sparsity"] == pytest.approx(0.5, abs=0.01)
+    ta, tb = (load_file(next(p.glob("masks*.safetensors"))) for p in (tmp_path / "a", tmp_path / "b"))
+    assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+    line = one_line_error(cli("sparsify-adapter", tiny_lora, "--base", tmp_path / "q8", "-o", tmp_path / "c"))
+    assert "quantized GGUF" in line

@@ -20,7 +20,7 @@ from calora_cli.distill import DistillSpec
 from calora_cli.errors import CaloraError
 from calora_cli.methods.losa import format as losa_format
 from calora_cli.progress import progress
-from calora_cli.run import RunOptions, check_descends, check_fits, check_training_memory, seed_everything
+from calora_cli.run import RunOptions, check_descends, check_fits, check_training_memory, open_model, seed_everything
 from calora_cli.train import TrainConfig
 
 
@@ -29,11 +29,26 @@ def base_masks(base, modules: list[str]) -> dict:
     from calora_cli.tensor_io import load_tensors
 
     wanted = {f"{m}.weight": m for m in modules}
-    masks = {wanted[n]: t != 0 for n, t in load_tensors(base.weights, wanted.__contains__).items()}
+    if base.gguf:  # llama.cpp's file: the zeros it holds, as read back (exact in its float types)
+        import json
+
+        from calora_cli.gguf.reader import GGUFTensors
+
+        source = GGUFTensors(base.weights[0], json.loads((base.path / "config.json").read_text()))
+        masks = {m: source.get_tensor(n) != 0 for n, m in wanted.items() if n in source.where}
+        source.close()
+    else:
+        masks = {wanted[n]: t != 0 for n, t in load_tensors(base.weights, wanted.__contains__).items()}
     missing = sorted(set(modules) - set(masks))
     if missing:
         raise CaloraError(f"the base has no weight for adapted module {missing[0]}")
     return masks
+
+
+def _quantized_gguf(base) -> bool:
+    from calora_cli.gguf.reader import open_gguf
+
+    return any(t.tensor_type.name not in ("F32", "F16", "BF16") for t in open_gguf(base.weights[0]).tensors)
 
 
 @dataclass
@@ -67,10 +82,13 @@ def sparsify_adapter(adapter: Path, base: Path, out: Path, opts: RunOptions, dat
         cfg.check()
     if data is None and (losa.rank_allocation != "uniform" or losa.distill_from is not None):
         raise CaloraError("--rank-allocation error and --distill-from shape LoSA fine-tuning: give --data too")
-    base_art = open_artifact(base, expect="model", role="base")
+    base_art = open_model(base, "base")
     ad_art = open_artifact(adapter, expect="adapter", role="adapter")
     if json.loads((base_art.path / "config.json").read_text()).get("quantization_config"):
         raise CaloraError("sparsify-adapter needs a pruned, unquantized base (its zeros define the masks)")
+    if base_art.gguf and _quantized_gguf(base_art):
+        raise CaloraError(f"{base_art.source or base_art.path} is a quantized GGUF, whose zeros are rounding, not "
+                          "pruning; sparsify against the pruned model (or its F32/F16/BF16 GGUF)")
     check_fits(ad_art, base_art, opts)
     factors = adapters.factors(ad_art)
     masks = base_masks(base_art, sorted(factors))
