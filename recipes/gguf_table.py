@@ -60,8 +60,11 @@ def main(root: str, types: str, rank_list: str, start: str, png: str | None = No
                 continue
             r = load(path)
             won = "-" if adapter is None or gap <= 0 else f"{(asis['perplexity'] - r['perplexity']) / gap:.0%}"
+            shown = "-" if adapter is None else ranks(adapter)
+            if adapter is not None and adapter.name.startswith("basecomp"):  # two adapters at once
+                shown = f"{ranks(root / 'lora')} + {shown} shared"
             rows.append((t, [label, f"{r['perplexity']:.2f}", won, mc(r, "socialiqa"), mc(r, "quartz"),
-                             mb(d / "model" / "model.gguf"), ranks(adapter) if adapter else "-",
+                             mb(d / "model" / "model.gguf"), shown,
                              seconds(time) if time else "-"]))
             if adapter is not None:
                 plot[t][label.split(".")[0]] = r["perplexity"]
