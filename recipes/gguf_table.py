@@ -67,7 +67,7 @@ def main(root: str, types: str, rank_list: str, start: str, png: str | None = No
                              mb(d / "model" / "model.gguf"), shown,
                              seconds(time) if time else "-"]))
             if adapter is not None:
-                plot[t][label.split(".")[0]] = r["perplexity"]
+                plot[t][label.split(",")[0].replace("inherit --", "")[:34]] = r["perplexity"]
     markdown("Every number measured in llama.cpp (llama-cpp-python 0.3.36): perplexity on the held-out text, "
              "acc / acc_norm on the shipped items; gap won back = (2 - arm) / (2 - 1)",
              ["base", "arm", "perplexity", "gap won back", "SocialIQa acc / acc_norm", "QuaRTz acc / acc_norm",
@@ -85,7 +85,7 @@ def draw(plot: dict, reference: float, out: Path) -> None:
     width = 0.8 / max(1, len(arms))
     for k, arm in enumerate(arms):
         xs = [i + k * width for i, t in enumerate(plot) if arm in plot[t]]
-        ax.bar(xs, [plot[t][arm] for t in plot if arm in plot[t]], width, label=f"arm {arm}")
+        ax.bar(xs, [plot[t][arm] for t in plot if arm in plot[t]], width, label=arm)
     ax.axhline(reference, color="black", linestyle="--", linewidth=1, label="1. float model + LoRA")
     ax.set_ylim(reference * 0.95, None)
     from tables import finish_bars
