@@ -78,7 +78,7 @@ def main() -> int:
                          f"{max(p2, p3):.2f}", f"{(s2 + s3) / s1:.2f}x", str(ours_bytes == ref_bytes), str(types)])
             points["calora"].append((gb, p1))
             points["llama.cpp"].append((gb, max(p2, p3)))
-            print(f"done: {gb:.2f} GB", file=sys.stderr)
+            print(f"done: {' | '.join(rows[-1])}", file=sys.stderr, flush=True)  # a cut-off run keeps its rows
     print(f"\nbf16 synthetic Llama (hidden 1024, MLP 2816) -> {args.type}; peak resident memory of each process, GB\n")
     print_table(["model GB", "calora s", "calora peak GB", "llama.cpp convert + quantize s", "llama.cpp peak GB",
                  "llama.cpp / calora time", "same file size", "calora's tensor types"], rows)
