@@ -77,9 +77,14 @@ def add_hparams(w: "gguf.GGUFWriter", config: dict, arch: str, file_type: int) -
         w.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
     if theta is not None:
         w.add_rope_freq_base(theta)
-    if config.get("head_dim") is not None:
-        w.add_key_length(config["head_dim"])
-        w.add_value_length(config["head_dim"])
+    head_dim = config.get("head_dim")
+    if head_dim is None and arch == "llama":
+        # transformers' Llama and Mistral configs fill head_dim in when config.json leaves it out,
+        # and llama.cpp's converter writes what transformers reports
+        head_dim = config["hidden_size"] // heads
+    if head_dim is not None:
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
     if arch == "llama":
         w.add_vocab_size(config["vocab_size"])
         w.add_rope_dimension_count(config.get("head_dim") or config["hidden_size"] // heads)
