@@ -107,9 +107,3 @@ class GGUFTensors:
     @property
     def file(self):
         return self  # ShardReader callers close `reader.file`
-
-    def type_counts(self) -> dict[str, int]:
-        counts: dict[str, int] = {}
-        for t in self.reader.tensors:
-            counts[t.tensor_type.name] = counts.get(t.tensor_type.name, 0) + 1
-        return dict(sorted(counts.items()))
