@@ -338,6 +338,8 @@ def compress(
                                         "nola (a LoRA into NOLA); expand (a NOLA adapter into a plain peft LoRA).")],
     gguf_type: Annotated[Optional[str], typer.Option("--gguf-type", help="gguf: Q4_K_M, Q4_0, Q8_0, ... or F16/BF16/F32 "
                          "(with --calib, an importance matrix guides llama.cpp's quantizer).")] = None,
+    solver: Annotated[str, typer.Option("--solver", help="gguf: llama.cpp (its quantizer's codes) or gptq (llama.cpp's "
+                      "scales and mins, codes chosen by GPTQ's error feedback; needs --calib).")] = "llama.cpp",
     sparsity: Annotated[Optional[float], typer.Option("--sparsity", help="Pruning: fraction of zeros in (0, 1).")] = None,
     pattern: Annotated[str, typer.Option("--pattern", help="Pruning: unstructured, or N:M (N kept in every M inputs, e.g. 2:4).")] = "unstructured",
     allocation: Annotated[
@@ -390,7 +392,7 @@ def compress(
     spec = CompressSpec(
         method=method, sparsity=sparsity, pattern=pattern, allocation=allocation, rmi_delta=rmi_delta, bits=bits,
         group_size=group_size, calib=calib, calib_samples=calib_samples, seq_len=seq_len, then=then,
-        activation_gb=activation_memory, gguf_type=gguf_type.upper() if gguf_type else None,
+        activation_gb=activation_memory, gguf_type=gguf_type.upper() if gguf_type else None, solver=solver,
     )
     _emit(compress_model(model, output, spec, _opts(device, dtype, seed, force, quiet)), json_)
 

@@ -6,10 +6,11 @@
 # inherited LoRA trained further on the GGUF base, (5) (4) started from the rank-16 compensation.
 GG        ?= $(OUT)/gguf
 GG_MODEL  ?= $(MODEL_DIR)
-# GGUF bases: llama.cpp's types, Q4_0-imatrix (Q4_0 with an importance matrix from the calibration
-# text) and GPTQ-Q4_0 (calora's GPTQ, 4-bit groups of 32, written as Q4_0 without re-rounding)
+# GGUF bases: llama.cpp's types, T-imatrix (T with an importance matrix from the calibration text),
+# T-gptq (T-imatrix's scales and mins, codes chosen by GPTQ: --solver gptq) and GPTQ-Q4_0 (calora's
+# GPTQ, 4-bit groups of 32, written as Q4_0 without re-rounding)
 GG_TYPES  ?= Q4_0 Q4_K_M GPTQ-Q4_0
-GG_EXTRA  ?= Q4_0-imatrix
+GG_EXTRA  ?= Q4_0-imatrix Q4_0-gptq Q4_K_M-imatrix Q4_K_M-gptq
 # the trained arms (4, 5) take ~15 min each on 2 cores: on these bases only
 GG_TRAINED ?= Q4_0
 GG_RANKS  ?= 16 64
@@ -32,6 +33,9 @@ $(GG)/F32/eval-lora.json: $(GG)/F32/model/calora.json $(GG)/lora/calora.json $(G
 	$(CA_TIME) $(GG)/F32/eval-lora.time $(CALORA) eval $(GG)/F32/model --adapter $(GG)/lora $(GG_EVAL) -o $@
 
 gg_make_Q4_0-imatrix = $(CALORA) compress $(GG_MODEL) -o $(GG)/Q4_0-imatrix/model --method gguf --gguf-type Q4_0 $(GG_CALIB) -q --force
+gg_make_Q4_0-gptq = $(CALORA) compress $(GG_MODEL) -o $(GG)/Q4_0-gptq/model --method gguf --gguf-type Q4_0 $(GG_CALIB) --solver gptq -q --force
+gg_make_Q4_K_M-imatrix = $(CALORA) compress $(GG_MODEL) -o $(GG)/Q4_K_M-imatrix/model --method gguf --gguf-type Q4_K_M $(GG_CALIB) -q --force
+gg_make_Q4_K_M-gptq = $(CALORA) compress $(GG_MODEL) -o $(GG)/Q4_K_M-gptq/model --method gguf --gguf-type Q4_K_M $(GG_CALIB) --solver gptq -q --force
 $(GG)/gptq32/calora.json: $(GG_MODEL)/config.json
 	$(CA_TIME) $(GG)/gptq32.time $(CALORA) compress $(GG_MODEL) -o $(GG)/gptq32 --method gptq --bits 4 --group-size 32 $(GG_CALIB) -q --force
 $(GG)/GPTQ-Q4_0/model/calora.json: $(GG)/gptq32/calora.json

@@ -211,7 +211,7 @@ def test_bitsandbytes_streamed_equals_transformers_loader(cli, trained_base, tmp
         # 16 compressed fine and then no CPU kernel could evaluate it (_weight_int4pack_mm takes 32-256)
         (["--method", "gptq", "--group-size", "16"], "--group-size 16 is not one the GPTQ kernels run"),
         (["--method", "wanda", "--sparsity", "0.5", "--then", "gptq", "--group-size", "48"], "--group-size 48 is not one"),
-        (["--method", "gptq", "--bits", "3"], "--bits must be one of 4, 8 for gptq"),
+        (["--method", "gptq", "--bits", "5"], "--bits must be one of 2, 3, 4, 8 for gptq"),
         (["--method", "zip"], "unknown --method 'zip'"),
         (["--method", "wanda", "--sparsity", "0.5"], "needs calibration text"),
         (["--method", "wanda", "--pattern", "2:4", "--allocation", "rmi"], "use one or the other"),

@@ -22,7 +22,8 @@ def _layer(rows=96, cols=256, tokens=512, seed=0):
     return lin, X, 2 * X.T @ X / tokens
 
 
-@pytest.mark.parametrize("bits, group_size, reorder", [(4, 64, True), (4, 32, False), (8, 128, True)])
+@pytest.mark.parametrize("bits, group_size, reorder", [(4, 64, True), (4, 32, False), (8, 128, True), (3, 64, True),
+                                                       (2, 32, True)])
 def test_solver_equals_gptqmodel_s(bits, group_size, reorder):
     """Same weight, same inputs: gptqmodel's GPTQ (as transformers' GPTQConfig configures it:
     symmetric, damp 0.1, group-aware order) gives the very same dequantized weight when calora
@@ -161,9 +162,11 @@ def test_streamed_evaluation_of_a_gptq_base_matches_the_kernel_s(cli, trained_ba
     assert scores["--stream", True] != scores["--stream", False]
 
 
-def test_engine_output_is_gptqmodel_s_tensor_for_tensor(cli, trained_base, calib_text, tmp_path):
+@pytest.mark.parametrize("bits", [4, 3])
+def test_engine_output_is_gptqmodel_s_tensor_for_tensor(cli, trained_base, calib_text, tmp_path, bits):
     """`calora compress --method gptq`, one layer at a time, against transformers' GPTQConfig
-    (optimum -> gptqmodel, the whole model loaded) on the same calibration windows: the same tensors."""
+    (optimum -> gptqmodel, the whole model loaded) on the same calibration windows: the same tensors
+    (3 bits: codes straddling int32 words, packed as gptqmodel packs them)."""
     from transformers import AutoModelForCausalLM, GPTQConfig
 
     from calora_cli.data import calibration_batch
@@ -172,13 +175,13 @@ def test_engine_output_is_gptqmodel_s_tensor_for_tensor(cli, trained_base, calib
 
     windows = calibration_batch(load_tokenizer(trained_base), calib_text.read_text(), 8, 64, seed=0)
     data = [{"input_ids": w[None], "attention_mask": torch.ones(1, w.numel(), dtype=torch.long)} for w in windows]
-    cfg = GPTQConfig(bits=4, group_size=32, dataset=data, desc_act=False, sym=True)
+    cfg = GPTQConfig(bits=bits, group_size=32, dataset=data, desc_act=False, sym=True)
     reference = AutoModelForCausalLM.from_pretrained(trained_base, quantization_config=cfg, device_map="cpu",
                                                      dtype=torch.float32)
     reference.config.quantization_config.dataset = None  # tensors: not JSON
     reference.save_pretrained(tmp_path / "gptqmodel")
     r = cli("compress", trained_base, "-o", tmp_path / "calora", "--method", "gptq", "--group-size", "32",
-            "--calib", calib_text, "--calib-samples", "8", "--seq-len", "64", "-q")
+            "--bits", str(bits), "--calib", calib_text, "--calib-samples", "8", "--seq-len", "64", "-q")
     assert r.exit_code == 0, r.output
     theirs, ours = (load_tensors(sorted((tmp_path / d).glob("*.safetensors")), lambda n: True)
                     for d in ("gptqmodel", "calora"))

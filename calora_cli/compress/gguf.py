@@ -10,6 +10,9 @@ Two steps, each bounded in memory by one tensor (or one decoder layer):
 `--calib FILE` computes llama.cpp's importance matrix in the streaming engine: for each block
 linear, the mean over calibration tokens of each input channel's squared activation (what
 `llama-imatrix` collects), under the tensor's GGUF name, handed to the quantizer.
+
+`--solver gptq` then keeps llama.cpp's scales and mins and chooses the codes again with GPTQ's
+error feedback (`solve_codes`): the same file size and layout, other codes.
 """
 
 from __future__ import annotations
@@ -43,6 +46,74 @@ def importance_matrix(source, calib, config: dict, on_block: Callable[[int], Non
     return out
 
 
+def solve_codes(src, path: Path, calib, config: dict, opts, on_block: Callable[[int], None] | None = None) -> dict:
+    """`--solver gptq`: keep the scales and mins llama.cpp's quantizer chose for every block linear of
+    the GGUF at `path`, and choose the codes again with GPTQ (compress/gptq.quantize_on_grid),
+    block by block with the earlier blocks already solved, as calora's GPTQ does. The file is
+    rewritten in place, byte for byte the same size and layout: only code bits change. Tensors of
+    a type without a grid here (grids.SOLVABLE) keep llama.cpp's codes, and the forward pass carries
+    their dequantized weights. Returns how many tensors of each type were solved."""
+    import numpy as np
+    import torch
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    from calora_cli.arch import LAYERS_PREFIX
+    from calora_cli.compress.gptq import Quantized, quantize_on_grid
+    from calora_cli.compress.sequential import prune_sequential
+    from calora_cli.gguf.grids import LAYOUT, decode, encode
+    from calora_cli.gguf.names import NameMap
+    from calora_cli.runtime import resolve_device, torch_dtype
+    from calora_cli.streaming import LayerSource, Spill
+
+    names = NameMap(config)
+    reader = GGUFReader(path, "r+")  # tensors are views of the mapped file: writing them rewrites it
+    tensors = {t.name: t for t in reader.tensors}
+    solved: dict[str, int] = {}
+    block = [0]
+
+    def quantize(name, weight, stats, keep):
+        hf = f"{LAYERS_PREFIX}{block[0]}.{name}.weight"
+        t = tensors[names.gguf_name(hf)]
+        kind = t.tensor_type.name
+        hessian = stats.take_hessian()
+        if kind not in LAYOUT:
+            shape = [int(x) for x in reversed(t.shape)]
+            held = torch.from_numpy(dequantize(t.data, t.tensor_type).reshape(shape).copy())
+            return Quantized(names.from_gguf(hf, held).to(weight.dtype), {})
+        scale, offset, _ = decode(kind, np.asarray(t.data))
+        _, _, qmin, qmax = LAYOUT[kind]
+        grid = [names.from_gguf(hf, torch.from_numpy(a)) for a in (scale, offset)]
+        q, codes = quantize_on_grid(weight, hessian, *grid, qmin, qmax)
+        t.data[...] = encode(kind, np.asarray(t.data), names.to_gguf(hf, codes).numpy())
+        solved[kind] = solved.get(kind, 0) + 1
+        return Quantized(q.to(weight.dtype), {})
+
+    def next_block(i, packed):
+        block[0] = i + 1
+
+    source = LayerSource(src.path, src.weights, torch_dtype(opts.dtype), resolve_device(opts.device))
+    spill = Spill(int(2e9), path.parent / ".spill")
+    try:
+        source.embed()
+        for _ in prune_sequential(source.model, calib, None, None, None, None, on_block=on_block,
+                                  blocks=_released(source), keep=spill, quantize=quantize, on_quantized=next_block):
+            pass
+    finally:
+        spill.remove()
+        source.close()
+        reader.data.flush()
+        del tensors, reader
+    return dict(sorted(solved.items()))
+
+
+def _released(source):
+    for i, block in enumerate(source.blocks()):
+        if i == 0:
+            source.release_embedding()
+        yield block
+
+
 def float_type_for(gguf_type: str, storage: str) -> str:
     """The float GGUF written before quantizing: the type itself when it is a float type, else the
     checkpoint's own precision (nothing rounded before llama.cpp's quantizer sees it)."""
@@ -70,7 +141,7 @@ def fallbacks(types: dict[str, str]) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
-def convert(src, into: Path, gguf_type: str, calib, opts) -> dict:
+def convert(src, into: Path, gguf_type: str, calib, opts, solver: str = "llama.cpp") -> dict:
     """`src` (a dense safetensors model artifact) as `into`/model.gguf of `gguf_type`, with its config
     and tokenizer files beside it (what reads the GGUF back as a Hugging Face model); returns the
     metrics. calora writes the float GGUF one tensor at a time; llama.cpp's quantizer makes the type
@@ -113,10 +184,17 @@ def convert(src, into: Path, gguf_type: str, calib, opts) -> dict:
         with progress(f"llama.cpp quantize {gguf_type}", None, opts.show_progress):
             quantize(staging, target, gguf_type, imatrix)
         staging.unlink()
+    solved = None
+    if solver == "gptq":
+        with progress("gptq codes on llama.cpp's grids", config["num_hidden_layers"], opts.show_progress) as advance:
+            solved = solve_codes(src, target, calib, config, opts, on_block=advance)
     for f in companion_files(src.path):
         shutil.copy2(f, into / f.name)
-    return {"gguf_type": gguf_type, "float_type": float_type, "tensor_types": fallbacks(tensor_types(target)),
-            "gguf_bytes": target.stat().st_size, "imatrix_tensors": len(imatrix or {})}
+    out = {"gguf_type": gguf_type, "float_type": float_type, "tensor_types": fallbacks(tensor_types(target)),
+           "gguf_bytes": target.stat().st_size, "imatrix_tensors": len(imatrix or {})}
+    if solved is not None:
+        out["gptq_solved"] = solved
+    return out
 
 
 def convert_gptq(src, into: Path, requantize: str | None, opts) -> dict:

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     import torch
 
 NEEDS = "hessian"
-BITS = (4, 8)
+BITS = (2, 3, 4, 8)
 DAMP = 0.1
 BLOCK = 128
 
@@ -181,14 +181,64 @@ def quantize(weight: "torch.Tensor", hessian: "torch.Tensor", bits: int, group_s
     return Quantized(Q[:, inverse].contiguous(), parts)
 
 
+def quantize_on_grid(weight: "torch.Tensor", hessian: "torch.Tensor", scale: "torch.Tensor",
+                     offset: "torch.Tensor", qmin: int, qmax: int, damp: float = DAMP,
+                     blocksize: int = BLOCK) -> tuple["torch.Tensor", "torch.Tensor"]:
+    """GPTQ's codes on a grid fixed in advance: value (r, c) may only be scale·q + offset with integer
+    q in [qmin, qmax] (scale and offset (out, in), e.g. the scales and mins llama.cpp chose for
+    its blocks). The grid does not move during the solve, so columns go in act-order (descending
+    Hessian diagonal), which a stored layout with groups would not allow. Returns the dequantized
+    weight and the codes (int16), both (out, in) in the original column order."""
+    import torch
+
+    rows, cols = weight.shape
+    H = hessian.detach().float()
+    del hessian
+    diag = torch.diag(H)
+    dead = diag == 0
+    perm = torch.argsort(torch.where(dead, -1.0, diag), descending=True, stable=True)
+    W = weight.detach().float()[:, perm]
+    S, Z = scale.float()[:, perm], offset.float()[:, perm]
+    H = H.index_select(0, perm).index_select(1, perm)
+    dead = dead[perm]
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    H.diagonal().add_(damp * torch.mean(torch.diag(H)))
+    L = torch.linalg.cholesky(H)
+    del H
+    Hinv = torch.cholesky_inverse(L)
+    del L
+    Hinv = torch.linalg.cholesky(Hinv, upper=True)
+    safe = torch.where(S == 0, 1.0, S)  # a zero scale leaves one grid point: the offset
+    codes = torch.empty(rows, cols, dtype=torch.int16)
+    Q = torch.empty_like(W)
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        W1 = W[:, i1:i2].clone()
+        Err = torch.empty_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            c = i1 + i
+            w = W1[:, i]
+            code = torch.clamp(torch.round((w - Z[:, c]) / safe[:, c]), qmin, qmax)
+            q = S[:, c] * code + Z[:, c]
+            codes[:, c] = code.to(torch.int16)
+            Q[:, c] = q
+            err = (w - q) / Hinv1[i, i]
+            W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
+            Err[:, i] = err
+        W[:, i2:] -= Err @ Hinv[i1:i2, i2:]
+    inverse = torch.argsort(perm)
+    return Q[:, inverse].contiguous(), codes[:, inverse].contiguous()
+
+
 def packed_entries(name: str, shape: list[int], bits: int, group_size: int) -> list[tuple[str, str, list[int]]]:
     """The packed tensors (name, safetensors dtype, shape) that replace one (out, in) linear weight."""
     out, d_in = shape
     stem = name.removesuffix(".weight")
-    per = 32 // bits
     groups = d_in // group_size
-    return [(f"{stem}.g_idx", "I32", [d_in]), (f"{stem}.qweight", "I32", [d_in // per, out]),
-            (f"{stem}.qzeros", "I32", [groups, out // per]), (f"{stem}.scales", "F16", [groups, out])]
+    return [(f"{stem}.g_idx", "I32", [d_in]), (f"{stem}.qweight", "I32", [d_in * bits // 32, out]),
+            (f"{stem}.qzeros", "I32", [groups, out * bits // 32]), (f"{stem}.scales", "F16", [groups, out])]
 
 
 def quantization_config(bits: int, group_size: int) -> dict:

@@ -4,7 +4,7 @@
 and pack routines work only on loaded quantized modules, so the format is handled here.
 
 One linear (in -> out) is four tensors:
-  qweight (in*bits/32, out) int32: codes packed along rows, low bits first
+  qweight (in*bits/32, out) int32: codes packed along rows, low bits first (3-bit codes straddle words)
   qzeros  (groups, out*bits/32) int32: zero points packed along columns
   scales  (groups, out) float16
   g_idx   (in,) int32: the group of each input row
@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     import torch
 
 PARTS = ("qweight", "qzeros", "scales", "g_idx")
-PACKABLE_BITS = (2, 4, 8)
+PACKABLE_BITS = (2, 3, 4, 8)
 
 
 def is_v1(quantization_config: dict) -> bool:
@@ -32,31 +32,52 @@ def is_v1(quantization_config: dict) -> bool:
     return fmt == "gptq"
 
 
+def _chunk(bits: int) -> tuple[int, int]:
+    """The fewest codes that fill whole words, and those words: 32/bits codes in one word for 2, 4
+    and 8 bits, 32 codes in three words for 3."""
+    import math
+
+    g = math.gcd(bits, 32)
+    return 32 // g, bits // g
+
+
 def unpack(packed: "torch.Tensor", bits: int, rows_packed: bool) -> "torch.Tensor":
-    """int32 words holding 32/bits codes each -> codes, along rows (qweight) or columns (qzeros)."""
+    """int32 words -> codes, along rows (qweight) or columns (qzeros). Codes form one little-endian
+    bit stream (code k at bit k·bits): for 2, 4 and 8 bits, 32/bits whole codes per word; 3-bit
+    codes straddle word boundaries, 32 of them in 3 words, as GPTQ packs them."""
     import torch
 
-    per = 32 // bits
-    shifts = torch.arange(per, dtype=torch.int32) * bits
-    if rows_packed:  # (in/per, out) -> (in, out)
-        codes = (packed.unsqueeze(1) >> shifts[None, :, None]) & (2**bits - 1)
-        return codes.reshape(-1, packed.shape[1])
-    codes = (packed.unsqueeze(2) >> shifts[None, None, :]) & (2**bits - 1)  # (g, out/per) -> (g, out)
-    return codes.reshape(packed.shape[0], -1)
+    if not rows_packed:
+        return unpack(packed.T, bits, rows_packed=True).T
+    n, w = _chunk(bits)
+    words = packed.to(torch.int64) & 0xFFFFFFFF  # (in · bits/32, out), unsigned
+    chunks = words.reshape(-1, w, words.shape[1])
+    codes = torch.empty(chunks.shape[0], n, words.shape[1], dtype=torch.int64)
+    for k in range(n):
+        word, shift = divmod(k * bits, 32)
+        v = chunks[:, word] >> shift
+        if shift + bits > 32:  # the rest of the code opens the next word
+            v = v | (chunks[:, word + 1] << (32 - shift))
+        codes[:, k] = v & (2**bits - 1)
+    return codes.reshape(-1, words.shape[1]).to(torch.int32)
 
 
 def pack(codes: "torch.Tensor", bits: int, rows_packed: bool) -> "torch.Tensor":
     import torch
 
-    per = 32 // bits
     if not rows_packed:
         return pack(codes.T, bits, rows_packed=True).T.contiguous()
-    grouped = codes.reshape(-1, per, codes.shape[1]).to(torch.int64)
-    word = torch.zeros(grouped.shape[0], grouped.shape[2], dtype=torch.int64)
-    for j in range(per):
-        word |= grouped[:, j, :] << (bits * j)
+    n, w = _chunk(bits)
+    grouped = codes.reshape(-1, n, codes.shape[1]).to(torch.int64)
+    words = torch.zeros(grouped.shape[0], w, grouped.shape[2], dtype=torch.int64)
+    for k in range(n):
+        word, shift = divmod(k * bits, 32)
+        words[:, word] |= (grouped[:, k] << shift) & 0xFFFFFFFF
+        if shift + bits > 32:
+            words[:, word + 1] |= grouped[:, k] >> (32 - shift)
+    words = words.reshape(-1, grouped.shape[2])
     # reinterpret the low 32 bits as a signed int32, as the packed format stores them
-    return torch.where(word >= 2**31, word - 2**32, word).to(torch.int32)
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
 
 
 def check_bits(bits: int) -> None:

@@ -40,6 +40,7 @@ class CompressSpec:
     then: str | None = None
     activation_gb: float = 2.0  # activations between layers kept in memory; beyond, spilled to disk
     gguf_type: str | None = None
+    solver: str = "llama.cpp"
 
     def check(self, config: dict) -> tuple[int, int] | None:
         """Validate before any heavy work; return the N:M pattern (or None)."""
@@ -47,12 +48,20 @@ class CompressSpec:
             raise CaloraError(f"unknown --method {self.method!r} (choose from {', '.join(METHODS)})")
         nm = None
         if self.method == "gguf":
-            from calora_cli.gguf import TYPES
+            from calora_cli.gguf import FLOAT_TYPES, TYPES
 
             if self.gguf_type not in TYPES:
                 raise CaloraError(f"--method gguf needs --gguf-type, one of {', '.join(TYPES)}; got {self.gguf_type!r}")
+            if self.solver not in ("llama.cpp", "gptq"):
+                raise CaloraError(f"--solver must be llama.cpp or gptq, got {self.solver!r}")
+            if self.solver == "gptq" and self.gguf_type in FLOAT_TYPES:
+                raise CaloraError(f"--solver gptq chooses codes on a quantized grid; {self.gguf_type} has none")
+            if self.solver == "gptq" and self.calib is None:
+                raise CaloraError("--solver gptq needs calibration text for its Hessians: pass --calib FILE")
         elif self.gguf_type is not None:
             raise CaloraError("--gguf-type goes with --method gguf")
+        elif self.solver != "llama.cpp":
+            raise CaloraError("--solver goes with --method gguf")
         if config.get("quantization_config"):
             q = config["quantization_config"].get("quant_method", "quantized")
             raise CaloraError(f"the model is already quantized ({q}); compress the unquantized model "
@@ -102,7 +111,7 @@ class CompressSpec:
         if self.method in ("rtn-int8", "nf4"):
             p["bits"] = 8 if self.method == "rtn-int8" else 4
         if self.method == "gguf":
-            p.update(gguf_type=self.gguf_type, imatrix=self.calib is not None)
+            p.update(gguf_type=self.gguf_type, imatrix=self.calib is not None, solver=self.solver)
         return p
 
 
@@ -208,7 +217,7 @@ def _stream(src, into: Path, calib, spec: CompressSpec, nm, opts: RunOptions) ->
 def _gguf(src, into: Path, calib, spec: CompressSpec, nm, opts: RunOptions) -> dict:
     from calora_cli.compress.gguf import convert
 
-    return convert(src, into, spec.gguf_type, calib, opts)
+    return convert(src, into, spec.gguf_type, calib, opts, spec.solver)
 
 
 def _quantizer(spec: CompressSpec, model_type: str, compute_dtype):

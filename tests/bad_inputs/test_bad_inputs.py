@@ -326,7 +326,7 @@ def _(t, base, lora, pruned):
 
 @case("gptq-bits", "--bits must be")
 def _(t, base, lora, pruned):
-    return ["compress", base, "-o", t / "out", "--method", "gptq", "--bits", "3", "--calib", TEXT]
+    return ["compress", base, "-o", t / "out", "--method", "gptq", "--bits", "5", "--calib", TEXT]
 
 
 @case("rank-zero", "--rank must be at least 1")
