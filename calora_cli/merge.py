@@ -14,7 +14,6 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from calora_cli.adapters import factors as adapter_factors
 from calora_cli.adapters import is_kind
 from calora_cli.artifacts import (
     atomic_output,
@@ -68,8 +67,12 @@ def _quantization(config: dict, grid: str) -> Gptq | None:
 class _Folder:
     """Adds the planned deltas to weights and keeps the counts the report needs."""
 
-    def __init__(self, plan: dict, keep: bool, advance):
+    def __init__(self, plan: dict, keep: bool, advance, extras=None):
+        from calora_cli.adapters.lora import Extras
+
         self.plan, self.keep, self.advance = plan, keep, advance
+        self.extras = extras if extras is not None else Extras()
+        self.targets = self.extras.targets()
         self._work = ReadBuffers(slots=1)  # the float32 copy of a half-precision layer, reused
         self.stats = {"merged_modules": 0, "zeros_before": 0, "zeros_after": 0, "elements": 0,
                       "requant_error": 0.0, "delta_kept": 0.0, "requantized": 0}
@@ -86,7 +89,50 @@ class _Folder:
         delta = f0.delta().mul_(w0)
         for w, f in rest:
             delta.add_(f.delta(), alpha=w)
-        return delta.mul_(W != 0) if self.keep else delta
+        delta = delta.mul_(W != 0) if self.keep else delta
+        if module in self.extras.magnitude:
+            merged = W.float() + delta
+            delta = self._renormed(module, merged).sub_(W.float())
+        return delta
+
+    def _renormed(self, module: str, merged):
+        """DoRA, as peft merges it: each output row of the merged weight rescaled to the adapter's
+        magnitude (the norm of the weight it is merged into: this base's, a compressed one's when
+        the base is compressed). Zeros stay zeros: a row is only scaled."""
+        m = self.extras.magnitude[module].float()
+        if m.shape != (merged.shape[0],):
+            raise CaloraError(f"shape mismatch at {module}: DoRA magnitude {tuple(m.shape)}, weight {tuple(merged.shape)}")
+        return merged.mul_((m / merged.norm(dim=1)).unsqueeze(1))
+
+    def edit(self, name: str, t):
+        """A base tensor `t` the adapter's extras change (Extras.targets): replaced by the adapter's
+        copy, then its embedding LoRA added, token rows replaced, its lora_bias added."""
+        import torch
+
+        x = self.extras
+        module = name.rsplit(".", 1)[0]
+        if name in x.replaces:  # then the rest applies to the adapter's copy (an embedding saved beside its LoRA)
+            new = x.replaces[name]
+            if tuple(new.shape) != tuple(t.shape):
+                raise CaloraError(f"shape mismatch at {name}: the base's is {tuple(t.shape)}, the adapter's copy "
+                                  f"{tuple(new.shape)}")
+            new = new.float().clone()
+        else:
+            new = t.float().clone()
+        if module in x.embedding:
+            f = x.embedding[module]
+            if f.shape != tuple(new.shape):
+                raise CaloraError(f"shape mismatch at {module}: the base table is {tuple(new.shape)}, the adapter's "
+                                  f"embedding LoRA {f.shape}")
+            f.add_to(new)
+        if module in x.tokens:
+            rows, values = x.tokens[module]
+            if max(rows) >= new.shape[0] or values.shape[1] != new.shape[1]:
+                raise CaloraError(f"the adapter's trainable tokens do not fit {name} {tuple(new.shape)}")
+            new.index_copy_(0, torch.tensor(rows), values.float())
+        if name.endswith(".bias") and module in x.bias:
+            new.add_(x.bias[module])
+        return new.to(t.dtype)
 
     def count(self, zeros_before: int, new) -> None:
         import torch
@@ -113,6 +159,8 @@ class _Folder:
             f.add_to(new, w)
         if zero is not None:
             new.masked_fill_(zero, 0)
+        if module in self.extras.magnitude:
+            self._renormed(module, new)
         new = W.copy_(new)  # rounds as .to(W.dtype) does, into memory already there
         self.count(zeros, new)
         return new
@@ -148,7 +196,8 @@ def _dense_dtype(config: dict):
     return getattr(torch, name) if isinstance(getattr(torch, name, None), torch.dtype) else torch.float32
 
 
-def _merge_shard(src: Path, dst: Path, folder: _Folder, gptq: Gptq | None, dense: bool, dense_dtype) -> str:
+def _merge_shard(src: Path, dst: Path, folder: _Folder, gptq: Gptq | None, dense: bool, dense_dtype,
+                 added: list = ()) -> str:
     """Merge one shard into dst; returns its sha256 (computed while writing)."""
     from calora_cli.compress.gptq_format import PARTS
 
@@ -169,6 +218,8 @@ def _merge_shard(src: Path, dst: Path, folder: _Folder, gptq: Gptq | None, dense
                     entries.append((f"{module}.weight", dtype_code(dense_dtype), shape))
                 continue
         entries.append((n, header[n]["dtype"], header[n]["shape"]))
+    extra = dict(added)
+    entries += [(n, header["model.embed_tokens.weight"]["dtype"], list(t.shape)) for n, t in extra.items()]
 
     done: dict[str, dict] = {}
     buffers = ReadBuffers()  # each tensor read is written before the read after next, as ReadBuffers needs
@@ -193,6 +244,12 @@ def _merge_shard(src: Path, dst: Path, folder: _Folder, gptq: Gptq | None, dense
                 return done[module].pop(part)
             if part == "weight" and module in folder.plan:
                 return folder.dense(module, f.get_tensor(name, buffers))
+            if name in extra:  # a tied head's own table, in the embedding's dtype
+                if isinstance(extra[name], str):
+                    return f.raw(extra[name], buffers)
+                return extra[name].to(f.get_tensor("model.embed_tokens.weight", buffers).dtype)
+            if name in folder.targets:
+                return folder.edit(name, f.get_tensor(name, buffers))
             return f.raw(name, buffers)  # unchanged: copied in chunks, never held whole
 
         return write_tensors(dst, entries, produce, header.get("__metadata__"), hashed=True)
@@ -201,7 +258,8 @@ def _merge_shard(src: Path, dst: Path, folder: _Folder, gptq: Gptq | None, dense
 SHARD_WORKERS = 2
 
 
-def _merge_shards(base_art, tmp: Path, plan: dict, keep: bool, advance, gptq: Gptq | None, dense: bool, dense_dtype):
+def _merge_shards(base_art, tmp: Path, plan: dict, keep: bool, advance, gptq: Gptq | None, dense: bool, dense_dtype,
+                  extras=None, added: dict | None = None):
     """Merge every shard into tmp, SHARD_WORKERS shards at a time on threads (file reads and writes,
     hashing and torch's arithmetic all release the GIL, so one shard's I/O overlaps another's
     compute: alone, the reading, the adapters' products and the hashing of a shard run one after
@@ -210,9 +268,10 @@ def _merge_shards(base_art, tmp: Path, plan: dict, keep: bool, advance, gptq: Gp
     from concurrent.futures import ThreadPoolExecutor
 
     shards = list(base_art.weights)
-    folders = [_Folder(plan, keep, advance) for _ in shards]
+    folders = [_Folder(plan, keep, advance, extras) for _ in shards]
     with ThreadPoolExecutor(max_workers=max(1, min(SHARD_WORKERS, len(shards)))) as pool:
-        futures = [pool.submit(_merge_shard, shard, tmp / shard.relative_to(base_art.path), f, gptq, dense, dense_dtype)
+        futures = [pool.submit(_merge_shard, shard, tmp / shard.relative_to(base_art.path), f, gptq, dense, dense_dtype,
+                               (added or {}).get(shard, ()))
                    for shard, f in zip(shards, folders)]
         try:
             digests = [future.result() for future in futures]
@@ -265,16 +324,12 @@ def merge(base: Path, adapters: list[Path], out: Path, opts: RunOptions, weights
                 f"adapter {art.path} carries CA-LoRA recovery modules, which are non-linear (GELU) and cannot be folded "
                 "into weights; deploy the compressed model with the adapter attached (calora eval --adapter)"
             )
-    plan: dict[str, list] = {}
-    masked_any = False
-    for art, w in zip(arts, weights):
-        check_fits(art, base_art, opts)
-        masked_any |= is_kind(art, "masked")
-        for module, f in adapter_factors(art).items():
-            plan.setdefault(module, []).append((w, f))
-    keep = keep_sparsity or masked_any
+    plan, extras = _plan(arts, weights, base_art, opts)
+    keep = keep_sparsity or any(is_kind(art, "masked") for art in arts)
     if base_art.gguf:
-        return _merge_gguf(base_art, config, arts, plan, keep, weights, out, opts)
+        return _merge_gguf(base_art, config, arts, plan, keep, weights, out, opts, extras)
+    names = {shard: tensor_names(shard) for shard in base_art.weights}
+    added = _added_tensors(extras, names, config, gptq is not None and not dense)
     suffix = ".qweight" if gptq else ".weight"
     present = {n.removesuffix(suffix) for shard in base_art.weights for n in tensor_names(shard) if n.endswith(suffix)}
     missing = sorted(set(plan) - present)
@@ -287,9 +342,13 @@ def merge(base: Path, adapters: list[Path], out: Path, opts: RunOptions, weights
         if gptq and dense:
             config.pop("quantization_config")
             (tmp / "quantize_config.json").unlink(missing_ok=True)
+        if added:  # a tied head given its own copy (modules_to_save): the merged model unties it, as peft's does
+            config["tie_word_embeddings"] = False
+        if (gptq and dense) or added:
             (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        hashes, stats = _merge_shards(base_art, tmp, plan, keep, advance, gptq, dense, _dense_dtype(config))
-        if gptq and dense:
+        hashes, stats = _merge_shards(base_art, tmp, plan, keep, advance, gptq, dense, _dense_dtype(config), extras,
+                                      added)
+        if (gptq and dense) or added:
             _reindex(tmp)
         n = max(1, stats["elements"])
         metrics = {
@@ -316,7 +375,57 @@ def merge(base: Path, adapters: list[Path], out: Path, opts: RunOptions, weights
     return {"output": str(out), **metrics}
 
 
-def _merge_gguf(base_art, config: dict, arts, plan: dict, keep: bool, weights, out: Path, opts: RunOptions) -> dict:
+def _plan(arts, weights, base_art, opts: RunOptions):
+    """Each adapted linear's (weight, factors) list, and the one adapter's Extras (DoRA magnitudes,
+    modules_to_save copies, embedding LoRA, trainable tokens, lora_bias): peft merges such an adapter
+    on its own, so it merges alone and at weight 1 here too."""
+    from calora_cli.adapters import lora_files
+    from calora_cli.adapters.lora import Extras, check_config, extras, linear_factors
+
+    plan: dict[str, list] = {}
+    found = Extras()
+    for art, w in zip(arts, weights):
+        check_fits(art, base_art, opts)
+        config, state = lora_files(art)
+        check_config(config)
+        x = extras(state, config)
+        if x and (len(arts) > 1 or w != 1.0):
+            raise CaloraError(f"adapter {art.path} holds more than LoRA factors (DoRA, modules_to_save, embedding LoRA, "
+                              "trained tokens or biases), which merge as peft merges them: one adapter at weight 1; "
+                              "merge it alone, then the others into the result")
+        found = x or found
+        for module, f in linear_factors(state, config).items():
+            plan.setdefault(module, []).append((w, f))
+    return plan, found
+
+
+def _added_tensors(extras, names: dict, config: dict, quantized: bool) -> dict:
+    """{shard: [(name, tensor or the base tensor's name)]} of what the merge writes that the base has
+    no tensor for, in the embedding's shard: a tied head's own copy (modules_to_save on lm_head), or
+    the tied head's original table when the embedding's LoRA changes the embedding (peft's forward
+    adds it to the lookup only); anything else refused."""
+    have = {n for ns in names.values() for n in ns}
+    added: dict = {}
+    emb, head = "model.embed_tokens.weight", "lm_head.weight"
+    tied = head not in have and config.get("tie_word_embeddings", True)
+    if tied and "model.embed_tokens" in extras.embedding and head not in extras.replaces:
+        shard = next(s for s, ns in names.items() if emb in ns)
+        added.setdefault(shard, []).append((head, extras.replaces.get(emb, emb)))
+    for target in sorted(extras.targets() - have):
+        if quantized and target.removesuffix(".weight") + ".qweight" in have:
+            raise CaloraError(f"the adapter replaces {target}, a GPTQ layer of the base: merge into a dense model "
+                              "(--dense)")
+        if target == "lm_head.weight" and target in extras.replaces and config.get("tie_word_embeddings", True):
+            shard = next(s for s, ns in names.items() if "model.embed_tokens.weight" in ns)
+            added.setdefault(shard, []).append((target, extras.replaces[target]))
+            continue
+        what = "lora_bias adds to a bias" if target.endswith(".bias") else "the adapter changes it"
+        raise CaloraError(f"the base has no tensor {target} ({what}); peft could not merge it either")
+    return added
+
+
+def _merge_gguf(base_art, config: dict, arts, plan: dict, keep: bool, weights, out: Path, opts: RunOptions,
+                extras=None) -> dict:
     """A GGUF base merged into a dense safetensors model: each tensor dequantized as llama.cpp holds
     it (gguf/reader.py), the adapters' deltas added, written in config.json's dtype one at a time."""
     import torch
@@ -330,7 +439,10 @@ def _merge_gguf(base_art, config: dict, arts, plan: dict, keep: bool, weights, o
     dtype = _dense_dtype(config)
     names = sorted(source.where)
     entries = [(n, dtype_code(dtype), source.shape(n)) for n in names]
-    folder = _Folder(plan, keep, lambda: None)
+    folder = _Folder(plan, keep, lambda: None, extras)
+    missing = sorted(folder.targets - set(names))
+    if missing:
+        raise CaloraError(f"the base has no tensor {missing[0]} that the adapter changes")
     with atomic_output(out, opts.force) as tmp, progress("merge", len(names), opts.show_progress) as advance:
         for f in companion_files(base_art.path):
             shutil.copy2(f, tmp / f.name)
@@ -340,6 +452,8 @@ def _merge_gguf(base_art, config: dict, arts, plan: dict, keep: bool, weights, o
             module = name.removesuffix(".weight")
             if name.endswith(".weight") and module in plan:
                 t = folder.dense(module, t)
+            elif name in folder.targets:
+                t = folder.edit(name, t)
             advance(1)
             return t.to(dtype).contiguous()
 

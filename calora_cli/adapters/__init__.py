@@ -50,9 +50,11 @@ def describe(artifact) -> str:
     return "+".join([kind_of(artifact), *extras_of(artifact)])
 
 
-def factors(artifact) -> dict:
-    """The adapter's LoRA factors per module (a NOLA adapter expanded from its seed)."""
-    return _kind(artifact)[1].factors(artifact)
+def factors(artifact, doing: str = "this stage", instead: str = "use a plain LoRA") -> dict:
+    """The adapter's LoRA factors per module (a NOLA adapter expanded from its seed). What the
+    adapter holds beside them (DoRA magnitudes, modules_to_save, ...) is refused in one line saying
+    that `doing` cannot take it, and `instead`."""
+    return _kind(artifact)[1].factors(artifact, doing, instead)
 
 
 def lora_files(artifact) -> tuple[dict, dict]:

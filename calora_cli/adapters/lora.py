@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from calora_cli.arch import PEFT_PREFIX
@@ -38,30 +38,101 @@ class LoraFactors:
 
 
 def _pattern_value(patterns: dict, module: str, default):
-    """peft's rank_pattern / alpha_pattern: keys match the end of a module name (or as a regex)."""
+    """peft's rank_pattern / alpha_pattern: a key matches a module whose name ends with it as a regex
+    (`(.*\.)?(key)$`, peft's get_pattern_key); the first key that matches wins."""
     for key, value in (patterns or {}).items():
-        if module == key or module.endswith("." + key) or re.fullmatch(rf"(.*\.)?{key}", module):
+        if module == key or re.fullmatch(rf"(.*\.)?({key})", module):
             return value
     return default
 
 
-def factors_from_state(state: dict[str, "torch.Tensor"], config: dict) -> dict[str, LoraFactors]:
+# What a peft LoRA file can hold beside the factors of its linears (peft's save_and_load.py names),
+# by the suffix of the key after the module path; "replaces" is a whole base tensor saved with the
+# adapter: a modules_to_save copy (lm_head, embed_tokens, a classifier), an embedding layer saved
+# beside its LoRA, a bias trained with bias="all" / "lora_only"
+PASSENGERS = {
+    ".lora_magnitude_vector": "DoRA magnitude", ".lora_magnitude_vector.weight": "DoRA magnitude",
+    ".lora_B.bias": "lora_bias", ".lora_embedding_A": "embedding LoRA", ".lora_embedding_B": "embedding LoRA",
+    ".token_adapter.trainable_tokens_delta": "trainable tokens",
+}
+
+
+@dataclass
+class Passenger:
+    """A tensor of the adapter that is not a LoRA factor of a linear."""
+
+    key: str  # as stored
+    module: str  # the base module it belongs to (model.layers.0.self_attn.q_proj, lm_head)
+    what: str  # a PASSENGERS value, or "replaces"
+    target: str  # the base tensor it stands beside or replaces (module.weight / module.bias)
+
+
+def passengers(state: dict) -> list[Passenger]:
+    """Every tensor of a peft LoRA state dict that is not lora_A/lora_B of a linear."""
+    out = []
+    for key in sorted(state):
+        name = key.removeprefix(PEFT_PREFIX)
+        if name.endswith((".lora_A.weight", ".lora_B.weight")):
+            continue
+        for suffix, what in PASSENGERS.items():
+            if name.endswith(suffix):
+                module = name[: -len(suffix)]
+                out.append(Passenger(key, module, what, f"{module}.weight"))
+                break
+        else:
+            leaf = name.rsplit(".", 1)[-1]
+            module = name.rsplit(".", 1)[0].removesuffix(".base_layer").removesuffix(".modules_to_save")
+            out.append(Passenger(key, module, "replaces", f"{module}.{leaf}"))
+    return out
+
+
+def refuse_passengers(state: dict, config: dict, doing: str, instead: str) -> None:
+    """One line naming what the adapter holds beyond plain LoRA factors, for a stage that works on
+    the delta B·A alone (`doing`), and what to do instead."""
+    found = passengers(state)
+    kinds = sorted({"modules_to_save copy" if p.what == "replaces" else p.what for p in found})
+    if config.get("use_dora") and "DoRA magnitude" not in kinds:
+        kinds.insert(0, "DoRA magnitude")
+    if kinds:
+        first = next((p for p in found), None)
+        example = f" (e.g. {first.key})" if first is not None else ""
+        raise CaloraError(f"adapter holds {', '.join(kinds)}{example}, which {doing} cannot take: {instead}")
+
+
+def factors_from_state(state: dict[str, "torch.Tensor"], config: dict, doing: str = "a delta merge",
+                       instead: str = "only a plain LoRA's delta B·A is supported here") -> dict[str, LoraFactors]:
     """Group a peft LoRA state dict into per-module factors with their scales.
 
-    Refuses what a plain delta merge cannot represent (DoRA, trained biases, modules_to_save).
+    Refuses (naming `doing` and `instead`) what a plain delta cannot represent: DoRA, trained
+    biases, modules_to_save, embedding LoRAs, trainable tokens (passengers()).
     """
     if config.get("peft_type", "LORA") != "LORA":
         raise CaloraError(f"adapter type {config.get('peft_type')} is not a LoRA")
-    if config.get("use_dora"):
-        raise CaloraError("DoRA adapters are not supported (their magnitude vector is not a low-rank delta)")
+    check_config(config)
+    refuse_passengers(state, config, doing, instead)
+    return linear_factors(state, config)
+
+
+def check_config(config: dict) -> None:
+    """Refuse the LoRA variants no stage of calora computes: they need more than the file holds."""
     if config.get("fan_in_fan_out"):
         raise CaloraError("fan_in_fan_out adapters (GPT-2 Conv1D layers) are not supported")
-    extra = sorted(k for k in state if "lora_A" not in k and "lora_B" not in k)
-    if extra:
-        raise CaloraError(f"adapter holds weights other than LoRA factors (e.g. {extra[0]}); only plain LoRA merges as a delta")
+    if config.get("layer_replication"):
+        raise CaloraError("adapter uses layer_replication (it duplicates decoder layers of the base), which calora "
+                          "does not support: merge it with peft (merge_and_unload) into a model of its own")
+    init = config.get("init_lora_weights")
+    if isinstance(init, str) and init.lower().startswith(("pissa", "olora", "corda", "eva")) and \
+            not config.get("path_initial_model_for_weight_conversion"):
+        raise CaloraError(f"adapter was initialized with {init} and saved unconverted: its factors hold only with the "
+                          "residual base peft made; save it with peft's path_initial_model_for_weight_conversion "
+                          "(a plain LoRA of rank 2r on the original base)")
+
+
+def linear_factors(state: dict[str, "torch.Tensor"], config: dict) -> dict[str, LoraFactors]:
+    """The factors of every adapted linear, whatever else the state holds."""
     out: dict[str, LoraFactors] = {}
     for key, A in state.items():
-        if ".lora_A." not in key:
+        if not key.endswith(".lora_A.weight"):
             continue
         module = key.split(".lora_A.")[0].removeprefix(PEFT_PREFIX)
         bkey = key.replace(".lora_A.", ".lora_B.")
@@ -76,12 +147,73 @@ def factors_from_state(state: dict[str, "torch.Tensor"], config: dict) -> dict[s
                 raise CaloraError(f"adapter tensor {name} has dtype {str(t.dtype).removeprefix('torch.')}; LoRA factors are floating point")
             if not t.isfinite().all():
                 raise CaloraError(f"adapter tensor {name} holds NaN or Inf values")
-        alpha = _pattern_value(config.get("alpha_pattern"), module, config.get("lora_alpha", r))
-        scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
-        out[module] = LoraFactors(module, A, B, scale)
+        out[module] = LoraFactors(module, A, B, _scale(config, module, r))
     if not out:
         raise CaloraError("adapter holds no LoRA factors")
     return out
+
+
+@dataclass
+class Extras:
+    """What a peft LoRA changes beside its linears' B·A, as peft's merge_and_unload applies it."""
+
+    magnitude: dict = field(default_factory=dict)  # module -> (out,): DoRA, W' = m / ||W + sBA||_row · (W + sBA)
+    bias: dict = field(default_factory=dict)  # module -> (out,) added to its bias (lora_bias: s · lora_B.bias)
+    embedding: dict = field(default_factory=dict)  # module -> LoraFactors of the (vocab, hidden) table, transposed
+    tokens: dict = field(default_factory=dict)  # module -> (rows, (n, hidden) values that replace them)
+    replaces: dict = field(default_factory=dict)  # base tensor name -> its new value (modules_to_save, biases)
+
+    def __bool__(self) -> bool:
+        return any((self.magnitude, self.bias, self.embedding, self.tokens, self.replaces))
+
+    def targets(self) -> set[str]:
+        """The base tensors (other than the linears' weights with a LoRA) these change."""
+        return ({f"{m}.bias" for m in self.bias} | {f"{m}.weight" for m in self.embedding}
+                | {f"{m}.weight" for m in self.tokens} | set(self.replaces))
+
+
+def extras(state: dict, config: dict) -> Extras:
+    """The Extras of a peft LoRA state dict, with the scales peft applies."""
+    out = Extras()
+    pairs: dict[str, dict] = {}
+    indices = config.get("trainable_token_indices")
+    for p in passengers(state):
+        t = state[p.key]
+        if not t.isfinite().all():
+            raise CaloraError(f"adapter tensor {p.key} holds NaN or Inf values")
+        if p.what == "DoRA magnitude":
+            out.magnitude[p.module] = t
+        elif p.what == "lora_bias":
+            out.bias[p.module] = t.float() * _scale(config, p.module, _rank(state, p.module))
+        elif p.what == "embedding LoRA":
+            pairs.setdefault(p.module, {})[p.key[-1]] = t
+        elif p.what == "trainable tokens":
+            rows = indices.get(p.module.rsplit(".", 1)[-1], []) if isinstance(indices, dict) else indices
+            if not rows or len(rows) != t.shape[0]:
+                raise CaloraError(f"adapter's trainable tokens {p.key} hold {t.shape[0]} rows; its config lists "
+                                  f"{len(rows or [])} token indices")
+            out.tokens[p.module] = (list(rows), t)
+        else:
+            out.replaces[p.target] = t
+    for module, ab in pairs.items():
+        if set(ab) != {"A", "B"}:
+            raise CaloraError(f"adapter's embedding LoRA of {module} lacks its lora_embedding_{'A' if 'B' in ab else 'B'}")
+        r = ab["A"].shape[0]
+        # the table is (vocab, hidden); peft's delta is (B A)^T: as factors of the transposed table
+        out.embedding[module] = LoraFactors(module, ab["B"].T, ab["A"].T, _scale(config, module, r))
+    return out
+
+
+def _rank(state: dict, module: str) -> int:
+    a = state.get(f"{PEFT_PREFIX}{module}.lora_A.weight")
+    if a is None:
+        raise CaloraError(f"adapter's lora_bias of {module} has no lora_A beside it")
+    return a.shape[0]
+
+
+def _scale(config: dict, module: str, r: int) -> float:
+    alpha = _pattern_value(config.get("alpha_pattern"), module, config.get("lora_alpha", r))
+    return alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
 
 
 # --- the kind (adapters registry) ----------------------------------------------------------------
@@ -102,9 +234,9 @@ def files(artifact) -> tuple[dict, dict]:
     return json.loads((artifact.path / "adapter_config.json").read_text()), load_file(weights)
 
 
-def factors(artifact) -> dict[str, LoraFactors]:
+def factors(artifact, doing: str = "a delta merge", instead: str = "use a plain LoRA") -> dict[str, LoraFactors]:
     config, state = files(artifact)
-    return factors_from_state(state, config)
+    return factors_from_state(state, config, doing, instead)
 
 
 def attach(model, artifact, trainable: bool = False):

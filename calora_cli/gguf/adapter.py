@@ -35,8 +35,9 @@ def exportable_factors(art) -> dict:
     config = json.loads((art.path / "adapter_config.json").read_text())
     if config.get("use_dora"):
         raise CaloraError(f"adapter {art.path} is DoRA, which llama.cpp cannot apply (a per-row renormalisation, "
-                          "not a low-rank delta); merge it into the base and export the merged model")
-    return adapters.factors(art)
+                          "not a low-rank delta): merge it into the base (calora merge BASE --adapter A --dense) and export the merged model")
+    return adapters.factors(art, "llama.cpp's LoRA format", "merge it into the base (calora merge BASE --adapter A "
+                            "--dense) and export the merged model")
 
 
 def write_lora(out: Path, factors: dict, config: dict, name: str) -> dict:

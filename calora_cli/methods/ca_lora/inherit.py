@@ -80,9 +80,20 @@ def inherit(adapter: Path | None, base: Path, out: Path, opts: RunOptions, compe
         teacher_art = open_artifact(compensation.teacher, expect="model", role="teacher")
         check_descends(base_art, teacher_art, "compressed from the teacher", opts)
     check_fits(ad_art, base_art, opts)
-    factors = adapters.factors(ad_art)
     if adapters.is_kind(ad_art, "masked"):
         raise CaloraError(f"adapter {adapter} is LoSA-masked to another base; inherit from the original LoRA")
+    config, state = adapters.lora_files(ad_art)  # a NOLA adapter is carried over expanded, as a plain LoRA
+    lora.check_config(config)
+    quant = json.loads((base_art.path / "config.json").read_text()).get("quantization_config") or {}
+    if config.get("use_dora") and quant.get("quant_method") in ("gptq", "awq"):
+        raise CaloraError(f"adapter {adapter} is DoRA, and peft has no DoRA on {quant['quant_method'].upper()} layers: "
+                          "merge it into the float model (calora merge TEACHER --adapter A) and compress the merged "
+                          "model, or inherit it onto a pruned, bitsandbytes or GGUF base")
+    if compensation is not None:
+        factors = lora.factors_from_state(state, config, "--compensate (it adds a low-rank term to B·A)",
+                                          "inherit without --compensate carries the adapter over as it is")
+    else:
+        factors = lora.linear_factors(state, config)
     shapes, quantized = base_module_shapes(base_art)
     carried, skipped = [], {}
     for module, f in sorted(factors.items()):
@@ -96,8 +107,9 @@ def inherit(adapter: Path | None, base: Path, out: Path, opts: RunOptions, compe
     if not carried:
         first = next(iter(skipped.items()))
         raise CaloraError(f"no module of the adapter fits the compressed model ({first[0]}: {first[1]})")
-    config, state = adapters.lora_files(ad_art)  # a NOLA adapter is carried over expanded, as a plain LoRA
-    keep = {k: v for k, v in state.items() if k.split(".lora_")[0].removeprefix(PEFT_PREFIX) in carried}
+    keep = {k: v for k, v in state.items() if k.endswith((".lora_A.weight", ".lora_B.weight"))
+            and k.split(".lora_")[0].removeprefix(PEFT_PREFIX) in carried}
+    keep.update(_passengers(state, config, base_art, factors, carried))
     config["base_model_name_or_path"] = str(base_art.path)
     metrics: dict = {"carried": len(carried), "skipped": skipped}
     params: dict = {"quantized_base": quantized}
@@ -122,6 +134,71 @@ def inherit(adapter: Path | None, base: Path, out: Path, opts: RunOptions, compe
     if compensation is not None:
         summary.update({k: metrics[k] for k in ("mean_compensation_removed", "compensation_seconds")})
     return summary
+
+
+def _passengers(state: dict, config: dict, base_art, factors: dict, carried: list[str]) -> dict:
+    """What the adapter holds beside its linears' factors, carried over unchanged where it fits the
+    compressed base (peft applies each on load); a passenger of a module not carried, or of a shape
+    the base does not have, is refused in one line: a partial DoRA or modules_to_save would change
+    what the adapter computes."""
+    tensors = base_tensor_shapes(base_art)
+    out = {}
+    for p in lora.passengers(state):
+        t = state[p.key]
+        if p.what in ("DoRA magnitude", "lora_bias"):
+            if p.module not in carried:
+                raise CaloraError(f"adapter's {p.what} {p.key} belongs to {p.module}, which is not carried over")
+            want = (factors[p.module].B.shape[0],)
+        elif p.what == "embedding LoRA":
+            emb = tensors.get(p.target)
+            if emb is None:
+                raise CaloraError(f"adapter's embedding LoRA {p.key} adapts {p.module}, which the base does not have")
+            want = (t.shape[0], emb[0]) if p.key.endswith("_A") else (emb[1], t.shape[1])
+        elif p.what == "trainable tokens":
+            emb = tensors.get(p.target)
+            if emb is None:
+                raise CaloraError(f"adapter's trainable tokens {p.key} replace rows of {p.module}, which the base does not have")
+            indices = config.get("trainable_token_indices") or []
+            indices = indices if isinstance(indices, list) else [i for v in indices.values() for i in v]
+            if indices and max(indices) >= emb[0]:
+                raise CaloraError(f"adapter's trainable token {max(indices)} lies beyond the base's vocabulary of {emb[0]}")
+            want = (t.shape[0], emb[1])
+        else:
+            if p.target not in tensors:
+                raise CaloraError(f"adapter holds {p.key}, a copy of {p.target} (modules_to_save, or a trained bias), "
+                                  "which the compressed base does not have")
+            want = tensors[p.target]
+        if tuple(t.shape) != tuple(want):
+            raise CaloraError(f"adapter's {p.what} {p.key} has shape {tuple(t.shape)}; the compressed base needs {tuple(want)}")
+        out[p.key] = t
+    return out
+
+
+def base_tensor_shapes(base) -> dict[str, tuple[int, ...]]:
+    """Every tensor of the base under its Hugging Face name, from headers (nothing read): a quantized
+    linear's weight as the dense shape it stands for, a tied head as the embedding's shape."""
+    config = json.loads((base.path / "config.json").read_text())
+    shapes: dict[str, tuple[int, ...]] = {}
+    if base.gguf:
+        from calora_cli.gguf.reader import GGUFTensors
+
+        source = GGUFTensors(base.weights[0], config)
+        shapes = {n: tuple(info["shape"]) for n, info in source.header.items()}
+        source.close()
+    else:
+        for shard in base.weights:
+            for name, info in read_safetensors_header(shard).items():
+                if name != "__metadata__":
+                    shapes[name] = tuple(info["shape"])
+    for name in list(shapes):
+        if name.endswith(".qweight"):
+            module = name.removesuffix(".qweight")
+            dense = expected_shape(config, module)
+            if dense is not None:
+                shapes[f"{module}.weight"] = tuple(dense)
+    if "lm_head.weight" not in shapes and "model.embed_tokens.weight" in shapes:
+        shapes["lm_head.weight"] = shapes["model.embed_tokens.weight"]  # tied: peft saves a copy for modules_to_save
+    return shapes
 
 
 def _compensate(tmp: Path, base_art, teacher_art, factors: dict, config: dict, spec: CompensateSpec, opts: RunOptions):

@@ -90,7 +90,7 @@ def sparsify_adapter(adapter: Path, base: Path, out: Path, opts: RunOptions, dat
         raise CaloraError(f"{base_art.source or base_art.path} is a quantized GGUF, whose zeros are rounding, not "
                           "pruning; sparsify against the pruned model (or its F32/F16/BF16 GGUF)")
     check_fits(ad_art, base_art, opts)
-    factors = adapters.factors(ad_art)
+    factors = adapters.factors(ad_art, LOSA_DOING, LOSA_INSTEAD)
     masks = base_masks(base_art, sorted(factors))
     for m, f in factors.items():
         if masks[m].shape != (f.B.shape[0], f.A.shape[1]):
@@ -163,12 +163,16 @@ def _block_errors(base_art, teacher, model, examples, opts: RunOptions) -> list[
     return block_errors_against(model, teacher.weights, calib)["block_rel_error"]
 
 
+LOSA_DOING = "LoSA's masking (it masks the delta B·A)"
+LOSA_INSTEAD = "sparsify a plain LoRA; this one runs on the sparse base as it is (calora eval), not exactly sparse"
+
+
 def _allocated_adapter(ad_art, errors: list[float], losa: LosaSpec, seed: int, into: Path) -> tuple[Path, list[int]]:
     """The adapter resized to error-allocated ranks, written to `into` for peft to load."""
     from calora_cli.methods.losa import ranks as rank_allocation
 
     config, state = adapters.lora_files(ad_art)
-    factors = adapters.factors(ad_art)
+    factors = adapters.factors(ad_art, LOSA_DOING, LOSA_INSTEAD)
     ranks_seen = {f.A.shape[0] for f in factors.values()}
     if len(ranks_seen) != 1:
         raise CaloraError(f"--rank-allocation error needs an adapter with one rank everywhere, found {sorted(ranks_seen)}")

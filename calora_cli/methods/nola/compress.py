@@ -75,7 +75,8 @@ def _source(adapter: Path, base: Path | None, opts: RunOptions):
         base = Path(recorded)
     base_art = open_artifact(base, expect="model", role="base")
     check_fits(ad, base_art, opts)
-    factors = adapters.factors(ad)
+    factors = adapters.factors(ad, "NOLA (random bases for A and B)", "compress a plain LoRA; this one runs as it is "
+                               "(calora eval)")
     if adapters.is_kind(ad, "masked"):
         raise CaloraError("LoSA-masked adapters cannot be compressed into NOLA (the mask is not a low-rank basis)")
     ranks = {f.A.shape[0] for f in factors.values()}

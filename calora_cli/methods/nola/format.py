@@ -43,7 +43,7 @@ def read(artifact):
     return coeffs, shapes, p
 
 
-def factors(artifact) -> dict:
+def factors(artifact, doing: str = "", instead: str = "") -> dict:  # a NOLA adapter holds factors alone
     from calora_cli.adapters.lora import LoraFactors
     from calora_cli.methods.nola import layer as nola
 

@@ -1,0 +1,206 @@
+"""Adapters as users bring them (peft's LoRA variants), through the stages that take an adapter.
+
+Each adapter is made by peft itself on the pretrained test model, with every trainable tensor
+moved away from its initial value (peft starts B, the bias and the token deltas at zero), and saved
+by peft. `inherit` carries each over to a pruned and a GPTQ base unchanged, tensor for tensor, and
+calora's evaluation of the result equals peft's own forward on that base; the stages that compute
+with the delta B·A alone refuse what they cannot take in one line that says what to do instead.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import one_line_error
+
+VARIANTS = {
+    "dora": dict(target_modules=["q_proj", "v_proj"], use_dora=True),
+    "modules_to_save": dict(target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"]),
+    "embedding": dict(target_modules=["q_proj", "embed_tokens"]),
+    "trainable_tokens": dict(target_modules=["q_proj", "v_proj"], trainable_token_indices=[1, 5, 9]),
+    "lora_bias": dict(target_modules=["q_proj", "v_proj"], lora_bias=True),
+    "rslora_patterns": dict(target_modules="all-linear", use_rslora=True, rank_pattern={"v_proj": 2},
+                            alpha_pattern={"layers.1.self_attn.q_proj": 3}),
+    "layers_to_transform": dict(target_modules=["q_proj", "v_proj"], layers_to_transform=[1]),
+}
+
+
+def _make(base: Path, out: Path, **config) -> Path:
+    """A peft adapter on `base`, every trainable tensor perturbed, saved by peft."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base), LoraConfig(r=4, lora_alpha=8, **config))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * (0.02 if p.dim() > 1 else 0.1))
+    model.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def bases(tmp_path_factory, trained_base, calib_text) -> dict[str, Path]:
+    from typer.testing import CliRunner
+
+    from calora_cli.cli import app
+
+    root = tmp_path_factory.mktemp("bases")
+    made = {"pruned": ["--method", "magnitude", "--sparsity", "0.5"],
+            "gptq": ["--method", "gptq", "--group-size", "32", "--calib", calib_text, "--calib-samples", "4",
+                     "--seq-len", "64"]}
+    for name, args in made.items():
+        r = CliRunner().invoke(app, ["compress", str(trained_base), "-o", str(root / name), *map(str, args), "-q"])
+        assert r.exit_code == 0, r.output
+    return {name: root / name for name in made}
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory, trained_base) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("adapters")
+    return {name: _make(trained_base, root / name, **config) for name, config in VARIANTS.items()}
+
+
+def _refusal(result) -> str:
+    """A one-line refusal (exit 2, no traceback) after the warning a peft folder without calora's
+    manifest gets (it records no base to check against)."""
+    from types import SimpleNamespace
+
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip() and "records no base" not in ln]
+    return one_line_error(SimpleNamespace(exit_code=result.exit_code, stdout=result.stdout, stderr="\n".join(lines)))
+
+
+def _peft_logppl(base: Path, adapter: Path, text: Path) -> float:
+    """-(mean log-probability) of the text's tokens, in windows of 64, under peft's own forward of
+    `adapter` (loaded by PeftModel from its folder) on `base` (loaded by transformers)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(base)
+    ids = tok(text.read_text(), add_special_tokens=False, return_tensors="pt").input_ids[0]
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), adapter).eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for lo in range(0, len(ids) - 1, 64):
+            x = ids[lo : lo + 64]
+            if len(x) < 2:
+                break
+            logp = torch.log_softmax(model(input_ids=x[None]).logits[0, :-1].float(), -1)
+            total -= float(logp.gather(1, x[1:, None]).sum())
+            count += len(x) - 1
+    return total / count
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+@pytest.mark.parametrize("base", ["pruned", "gptq"])
+def test_inherit_carries_every_variant_unchanged(cli, tmp_path, bases, made, variant, base, small_text):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "inherited"
+    r = cli("inherit", made[variant], "--base", bases[base], "-o", out, "--json", "--quiet")
+    if variant == "dora" and base == "gptq":  # peft's GPTQ layer has no DoRA
+        assert "GPTQ" in _refusal(r) and not out.exists()
+        return
+    assert r.exit_code == 0, r.stderr
+    theirs = load_file(made[variant] / "adapter_model.safetensors")
+    ours = load_file(out / "adapter_model.safetensors")
+    assert set(ours) == set(theirs)
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+
+    # calora's evaluation of the inherited adapter equals peft's forward of the original on this base
+    text = tmp_path / "t.txt"
+    text.write_text(small_text.read_text()[:3000])
+    ours = json.loads(cli("eval", bases[base], "--adapter", out, "--ppl", text, "--seq-len", "64",
+                          "--json", "--quiet").stdout)
+    assert abs(math.log(ours["perplexity"]) - _peft_logppl(bases[base], made[variant], text)) < 1e-5
+
+
+@pytest.mark.parametrize("variant, stage", [
+    ("dora", "compensate"), ("modules_to_save", "compensate"), ("embedding", "stream"), ("trainable_tokens", "sparsify"),
+    ("lora_bias", "nola"), ("dora", "export"), ("modules_to_save", "export"),
+])
+def test_stages_on_the_delta_refuse_what_they_cannot_take(cli, tmp_path, bases, made, trained_base, calib_text,
+                                                          variant, stage):
+    out = tmp_path / "out"
+    calib = ["--calib", calib_text, "--calib-samples", "2", "--seq-len", "32"]
+    args = {
+        "compensate": ["inherit", made[variant], "--base", bases["pruned"], "-o", out, "--compensate", "2",
+                       "--teacher", trained_base, *calib],
+        "stream": ["eval", bases["pruned"], "--adapter", made[variant], "--ppl", calib_text, "--stream", "-o", out],
+        "sparsify": ["sparsify-adapter", made[variant], "--base", bases["pruned"], "-o", out],
+        "nola": ["compress", made[variant], "-o", out, "--method", "nola", "--base", trained_base, "--data", calib_text,
+                 "--steps", "0"],
+        "export": ["export", bases["pruned"], "--adapter", made[variant], "-o", out],
+    }[stage]
+    line = _refusal(cli(*args))
+    assert not out.exists()
+    what = {"dora": "DoRA", "modules_to_save": "modules_to_save", "embedding": "embedding LoRA",
+            "trainable_tokens": "trainable tokens", "lora_bias": "lora_bias"}[variant]
+    assert what in line, line
+    assert ":" in line.split(what, 1)[1], line  # and then what to do instead
+
+
+def _peft_logits(base: Path, adapter: Path, ids: torch.Tensor) -> torch.Tensor:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), adapter).eval()
+    with torch.no_grad():
+        return model(input_ids=ids[None]).logits[0]
+
+
+MERGEABLE = ("dora", "modules_to_save", "embedding", "trainable_tokens", "rslora_patterns", "layers_to_transform")
+
+
+@pytest.mark.parametrize("variant", MERGEABLE)
+def test_merge_equals_peft_forward(cli, tmp_path, bases, made, variant):
+    """The merged pruned model, loaded by transformers, computes what peft's forward of the adapter
+    on the same base computes (DoRA's rows renormalized on this base's weight, a tied head given
+    its own copy and untied, the embedding's LoRA and token rows folded into the table)."""
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "merged"
+    r = cli("merge", bases["pruned"], "--adapter", made[variant], "-o", out, "--json", "--quiet")
+    assert r.exit_code == 0, r.stderr
+    ids = torch.arange(1, 60) * 7 % 500
+    merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    with torch.no_grad():
+        ours = merged(input_ids=ids[None]).logits[0]
+    theirs = _peft_logits(bases["pruned"], made[variant], ids)
+    assert torch.allclose(ours, theirs, atol=2e-5, rtol=1e-4), float((ours - theirs).abs().max())
+    plain = AutoModelForCausalLM.from_pretrained(bases["pruned"], dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert not torch.allclose(plain(input_ids=ids[None]).logits[0], theirs, atol=1e-3)  # the adapter does act
+    if variant == "modules_to_save":
+        assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
+
+
+def test_dora_merge_keeps_sparsity_exactly(cli, tmp_path, bases, made):
+    """--keep-sparsity with DoRA: the delta masked to the base's non-zeros, then each row rescaled to
+    the magnitude: every zero of the pruned base stays zero, and each row's norm is the magnitude."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "merged"
+    r = cli("merge", bases["pruned"], "--adapter", made["dora"], "-o", out, "--keep-sparsity", "--json", "--quiet")
+    assert r.exit_code == 0, r.stderr
+    base = load_file(next(bases["pruned"].glob("*.safetensors")))
+    ours = load_file(next(out.glob("*.safetensors")))
+    magnitude = load_file(made["dora"] / "adapter_model.safetensors")
+    for key, m in magnitude.items():
+        if not key.endswith("lora_magnitude_vector"):
+            continue
+        name = key.removeprefix("base_model.model.").removesuffix(".lora_magnitude_vector") + ".weight"
+        assert torch.equal(ours[name][base[name] == 0], torch.zeros(int((base[name] == 0).sum())))
+        assert (base[name] == 0).float().mean() > 0.4
+        assert torch.allclose(ours[name].norm(dim=1), m, rtol=1e-5)
+
+
+def test_lora_bias_on_a_base_without_biases_is_refused(cli, tmp_path, bases, made):
+    out = tmp_path / "merged"
+    line = _refusal(cli("merge", bases["pruned"], "--adapter", made["lora_bias"], "-o", out))
+    assert "bias" in line and not out.exists()
