@@ -36,11 +36,25 @@ def seed_everything(seed: int) -> None:
 
 def check_fits(adapter: Artifact, model: Artifact, opts: RunOptions) -> None:
     """Refuse an adapter made for a model `model` does not descend from (unless
-    --allow-base-mismatch); warn when the adapter records no base to check against."""
-    if model.source is not None and adapter.base_fingerprint not in model.lineage:
-        # a bare file (a downloaded GGUF) has no lineage; its shapes are checked where it is loaded
-        log.warning(f"{model.source} records no lineage: assuming adapter {adapter.path} was trained on the model it "
-                    "was made from")
+    --allow-base-mismatch); warn when the adapter records no base to check against.
+
+    A model without a calora manifest (a bare GGUF, a GPTQ/AWQ/bitsandbytes checkpoint made by
+    another tool) has no lineage: the adapter's recorded base, where it is still on disk, must lie
+    as close to the model's weights as a compression of it does (check_descends); where it is not,
+    the model is assumed to be made from it, with a warning. Shapes are checked where it is loaded."""
+    if model.manifest is None and adapter.base_fingerprint is not None and not opts.allow_base_mismatch:
+        recorded = (adapter.manifest or {}).get("inputs", {}).get("base", {}).get("path")
+        origin = None
+        if recorded and Path(recorded).is_dir():
+            try:
+                origin = open_artifact(Path(recorded), expect="model", role="the adapter's base")
+            except CaloraError:
+                origin = None
+        if origin is None or origin.fingerprint != adapter.base_fingerprint:
+            log.warning(f"{model.source or model.path} records no lineage, and adapter {adapter.path}'s base is not "
+                        "on disk to compare with: assuming the model was made from it")
+            return
+        check_descends(model, origin, "made from", opts)
         return
     note = check_adapter_base(adapter, model, opts.allow_base_mismatch)
     if note:
@@ -49,7 +63,8 @@ def check_fits(adapter: Artifact, model: Artifact, opts: RunOptions) -> None:
 
 def open_model(path: Path, role: str = "model", hf_folder: Path | None = None) -> Artifact:
     """A model artifact, or a bare .gguf file seen as one (gguf/view.py: its config and tokenizer
-    from `hf_folder`, the model it was made from, or from the file's own metadata)."""
+    from `hf_folder`, the model it was made from, or from the file's own metadata), or an AutoGPTQ
+    checkpoint seen as transformers' GPTQ layout (views.py)."""
     path = Path(path)
     if path.is_file() and path.suffix == ".gguf":
         from calora_cli.artifacts import check_gguf_header
@@ -57,6 +72,12 @@ def open_model(path: Path, role: str = "model", hf_folder: Path | None = None) -
 
         check_gguf_header(path)
         art = open_artifact(view_of(path, hf_folder), expect="model", role=role)
+        art.source = path
+        return art
+    from calora_cli.views import gptq_view, needs_gptq_view
+
+    if path.is_dir() and needs_gptq_view(path):
+        art = open_artifact(gptq_view(path), expect="model", role=role)
         art.source = path
         return art
     return open_artifact(path, expect="model", role=role)

@@ -9,28 +9,17 @@ holding a link to the file and those files, removed when the process ends.
 
 from __future__ import annotations
 
-import atexit
 import shutil
-import tempfile
 from pathlib import Path
 
 from calora_cli.errors import CaloraError
-
-_VIEWS: list[str] = []
-
-
-def _cleanup() -> None:
-    for d in _VIEWS:
-        shutil.rmtree(d, ignore_errors=True)
+from calora_cli.views import temp_view
 
 
 def view_of(gguf_file: Path, hf_folder: Path | None = None) -> Path:
     """A folder holding model.gguf (a link to `gguf_file`), config.json and the tokenizer."""
     gguf_file = Path(gguf_file).resolve()
-    if not _VIEWS:
-        atexit.register(_cleanup)
-    view = Path(tempfile.mkdtemp(prefix="calora-gguf-view-"))
-    _VIEWS.append(str(view))
+    view = temp_view("calora-gguf-view-")
     (view / "model.gguf").symlink_to(gguf_file)
     if hf_folder is not None:
         hf_folder = Path(hf_folder)
