@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -204,3 +205,19 @@ def test_lora_bias_on_a_base_without_biases_is_refused(cli, tmp_path, bases, mad
     out = tmp_path / "merged"
     line = _refusal(cli("merge", bases["pruned"], "--adapter", made["lora_bias"], "-o", out))
     assert "bias" in line and not out.exists()
+
+
+@pytest.mark.parametrize("edit, says", [
+    ({"layer_replication": [[0, 2], [1, 2]]}, "layer_replication"),
+    ({"init_lora_weights": "pissa"}, "path_initial_model_for_weight_conversion"),
+    ({"fan_in_fan_out": True}, "fan_in_fan_out"),
+])
+@pytest.mark.parametrize("stage", ["inherit", "merge"])
+def test_variants_no_stage_computes_are_refused(cli, tmp_path, bases, made, edit, says, stage):
+    adapter = tmp_path / "adapter"
+    shutil.copytree(made["rslora_patterns"], adapter)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, **edit}))
+    out = tmp_path / "out"
+    args = ["inherit", adapter, "--base", bases["pruned"]] if stage == "inherit" else ["merge", bases["pruned"], "--adapter", adapter]
+    assert says in _refusal(cli(*args, "-o", out)) and not out.exists()
