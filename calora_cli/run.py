@@ -54,7 +54,12 @@ def check_fits(adapter: Artifact, model: Artifact, opts: RunOptions) -> None:
             log.warning(f"{model.source or model.path} records no lineage, and adapter {adapter.path}'s base is not "
                         "on disk to compare with: assuming the model was made from it")
             return
-        check_descends(model, origin, "made from", opts)
+        distance = weight_distance(model, origin)
+        if distance > CLOSE_ENOUGH:
+            far = "do not match its tensors" if math.isinf(distance) else f"lie {distance:.2f} (relative) from its weights"
+            raise CaloraError(f"adapter {adapter.path} was trained on another base ({origin.path}): "
+                              f"{model.source or model.path} has no calora lineage, and its weights {far}, too far "
+                              "for a compression of it; pass --allow-base-mismatch to use it anyway")
         return
     note = check_adapter_base(adapter, model, opts.allow_base_mismatch)
     if note:

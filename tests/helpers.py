@@ -72,3 +72,30 @@ def tallied(terminalreporter, key: str) -> list:
     the CI log, gathered from the test reports, so they are whole under pytest-xdist too."""
     return [value for report in terminalreporter.stats.get("passed", []) if report.when == "call"
             for k, value in report.user_properties if k == key]
+
+
+def transformers_nll(model_dir: Path, text: Path, adapter: Path | None = None, window: int = 64) -> float:
+    """-(mean log-probability) of the text's tokens in windows of `window`, as calora's eval windows
+    them, under transformers' own loading of `model_dir` (and peft's of `adapter`): the reference
+    calora's numbers are checked against."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    ids = tok(text.read_text(), add_special_tokens=False, return_tensors="pt").input_ids[0]
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, device_map="cpu")
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter)
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for lo in range(0, len(ids) - 1, window):
+            x = ids[lo : lo + window]
+            if len(x) < 2:
+                break
+            logp = torch.log_softmax(model(input_ids=x[None]).logits[0, :-1].float(), -1)
+            total -= float(logp.gather(1, x[1:, None]).sum())
+            count += len(x) - 1
+    return total / count

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import one_line_error
+from helpers import one_line_error, transformers_nll
 
 VARIANTS = {
     "dora": dict(target_modules=["q_proj", "v_proj"], use_dora=True),
@@ -76,27 +76,6 @@ def _refusal(result) -> str:
     return one_line_error(SimpleNamespace(exit_code=result.exit_code, stdout=result.stdout, stderr="\n".join(lines)))
 
 
-def _peft_logppl(base: Path, adapter: Path, text: Path) -> float:
-    """-(mean log-probability) of the text's tokens, in windows of 64, under peft's own forward of
-    `adapter` (loaded by PeftModel from its folder) on `base` (loaded by transformers)."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(base)
-    ids = tok(text.read_text(), add_special_tokens=False, return_tensors="pt").input_ids[0]
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), adapter).eval()
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for lo in range(0, len(ids) - 1, 64):
-            x = ids[lo : lo + 64]
-            if len(x) < 2:
-                break
-            logp = torch.log_softmax(model(input_ids=x[None]).logits[0, :-1].float(), -1)
-            total -= float(logp.gather(1, x[1:, None]).sum())
-            count += len(x) - 1
-    return total / count
-
-
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 @pytest.mark.parametrize("base", ["pruned", "gptq"])
 def test_inherit_carries_every_variant_unchanged(cli, tmp_path, bases, made, variant, base, small_text):
@@ -118,7 +97,7 @@ def test_inherit_carries_every_variant_unchanged(cli, tmp_path, bases, made, var
     text.write_text(small_text.read_text()[:3000])
     ours = json.loads(cli("eval", bases[base], "--adapter", out, "--ppl", text, "--seq-len", "64",
                           "--json", "--quiet").stdout)
-    assert abs(math.log(ours["perplexity"]) - _peft_logppl(bases[base], made[variant], text)) < 1e-5
+    assert abs(math.log(ours["perplexity"]) - transformers_nll(bases[base], text, made[variant])) < 1e-5
 
 
 @pytest.mark.parametrize("variant, stage", [

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import one_line_error
+from helpers import one_line_error, transformers_nll
 
 BASES = {
     "act-order-asym": dict(bits=4, group_size=32, desc_act=True, sym=False),
@@ -80,30 +80,6 @@ def foreign(tmp_path_factory, wide_base, calib_text) -> dict[str, Path]:
     return made
 
 
-def _transformers_logppl(model_dir: Path, text: Path, adapter: Path | None = None) -> float:
-    """-(mean log-probability) of the text in windows of 64, the model loaded by transformers (and
-    the adapter by peft)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    ids = tok(text.read_text(), add_special_tokens=False, return_tensors="pt").input_ids[0]
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, device_map="cpu")
-    if adapter is not None:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, adapter)
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for lo in range(0, len(ids) - 1, 64):
-            x = ids[lo : lo + 64]
-            if len(x) < 2:
-                break
-            logp = torch.log_softmax(model.eval()(input_ids=x[None]).logits[0, :-1].float(), -1)
-            total -= float(logp.gather(1, x[1:, None]).sum())
-            count += len(x) - 1
-    return total / count
-
-
 def _ids(model_dir: Path, text: Path) -> torch.Tensor:
     from transformers import AutoTokenizer
 
@@ -148,7 +124,7 @@ def test_foreign_gptq_base_through_every_stage(cli, tmp_path, foreign, name, wid
     base = foreign[name]
     loadable = base if name != AUTOGPTQ else foreign["3bit"]  # the same codes, in the layout transformers reads
     # eval: calora's number is transformers' (the AutoGPTQ layout against the same codes in GPTQModel's)
-    assert abs(_logppl(cli, base, "--ppl", held_out) - _transformers_logppl(loadable, held_out)) < 1e-4
+    assert abs(_logppl(cli, base, "--ppl", held_out) - transformers_nll(loadable, held_out)) < 1e-4
 
     comp = tmp_path / "comp"
     r = cli("inherit", wide_lora, "--base", base, "-o", comp, "--compensate", "16", "--teacher", wide_base,

@@ -81,6 +81,29 @@ def group_aware_order(diag: "torch.Tensor", group_size: int) -> "torch.Tensor":
     return (local + base)[order].reshape(-1)
 
 
+def _in_solve_order(weight: "torch.Tensor", held: list, perm: "torch.Tensor", dead: "torch.Tensor",
+                   damp: float) -> tuple["torch.Tensor", "torch.Tensor"]:
+    """The weight's columns in solve order `perm` (inputs never seen, `dead`, zeroed) and the upper
+    Cholesky factor of the damped inverse Hessian in that order: row i holds column i's update
+    direction. The Hessian comes in `held`, a one-element list emptied here: it is the layer's
+    largest tensor (in^2: 268 MB for an input of 8192), so it is permuted into one new tensor and
+    factored with each intermediate freed at once, no other reference keeping the original alive."""
+    import torch
+
+    H = held.pop().detach().float()
+    W = weight.detach().float()[:, perm]
+    H = H.index_select(0, perm).index_select(1, perm)
+    dead = dead[perm]
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    H.diagonal().add_(damp * torch.mean(torch.diag(H)))
+    L = torch.linalg.cholesky(H)
+    del H
+    Hinv = torch.cholesky_inverse(L)
+    del L
+    return W, torch.linalg.cholesky(Hinv, upper=True)
+
+
 def quantize(weight: "torch.Tensor", hessian: "torch.Tensor", bits: int, group_size: int,
              keep: "torch.Tensor | None" = None, damp: float = DAMP, blocksize: int = BLOCK,
              reorder: bool = True, round_scales: bool = False) -> Quantized:
@@ -101,29 +124,16 @@ def quantize(weight: "torch.Tensor", hessian: "torch.Tensor", bits: int, group_s
     rows, cols = weight.shape
     if cols % group_size:
         raise CaloraError(f"group size {group_size} does not divide the {cols} input features")
-    # the Hessian is the layer's largest tensor (in^2: 268 MB for an input of 8192), so it is
-    # permuted into one new tensor and factored with each intermediate freed at once; the weight
-    # is copied once, by the permutation
+    # the weight is copied once, by the permutation (_in_solve_order)
     dev = weight.device
-    H = hessian.detach().float()
-    del hessian  # the caller hands its reference over (InputStats.take_hessian): the permuted copy replaces it
-    diag = torch.diag(H)
+    diag = torch.diag(hessian).float()
     dead = diag == 0
     perm = group_aware_order(torch.where(dead, 1.0, diag), group_size) if reorder else torch.arange(cols, device=dev)
-    W = weight.detach().float()[:, perm]
-    H = H.index_select(0, perm).index_select(1, perm)
-    dead = dead[perm]
-    H[dead, dead] = 1
-    W[:, dead] = 0
+    held = [hessian]
+    del hessian  # the caller hands its reference over (InputStats.take_hessian): the permuted copy replaces it
+    W, Hinv = _in_solve_order(weight, held, perm, dead, damp)
     if keep is not None:
         keep = keep[:, perm]
-    H.diagonal().add_(damp * torch.mean(torch.diag(H)))
-    # upper Cholesky factor of H^-1: row i holds the update direction for column i
-    L = torch.linalg.cholesky(H)
-    del H
-    Hinv = torch.cholesky_inverse(L)
-    del L
-    Hinv = torch.linalg.cholesky(Hinv, upper=True)
 
     groups = cols // group_size
     scales = torch.empty(rows, groups, device=dev)  # by solve-order group
@@ -192,23 +202,13 @@ def quantize_on_grid(weight: "torch.Tensor", hessian: "torch.Tensor", scale: "to
     import torch
 
     rows, cols = weight.shape
-    H = hessian.detach().float()
-    del hessian
-    diag = torch.diag(H)
+    diag = torch.diag(hessian).float()
     dead = diag == 0
     perm = torch.argsort(torch.where(dead, -1.0, diag), descending=True, stable=True)
-    W = weight.detach().float()[:, perm]
+    held = [hessian]
+    del hessian
+    W, Hinv = _in_solve_order(weight, held, perm, dead, damp)
     S, Z = scale.float()[:, perm], offset.float()[:, perm]
-    H = H.index_select(0, perm).index_select(1, perm)
-    dead = dead[perm]
-    H[dead, dead] = 1
-    W[:, dead] = 0
-    H.diagonal().add_(damp * torch.mean(torch.diag(H)))
-    L = torch.linalg.cholesky(H)
-    del H
-    Hinv = torch.cholesky_inverse(L)
-    del L
-    Hinv = torch.linalg.cholesky(Hinv, upper=True)
     safe = torch.where(S == 0, 1.0, S)  # a zero scale leaves one grid point: the offset
     codes = torch.empty(rows, cols, dtype=torch.int16)
     Q = torch.empty_like(W)
