@@ -55,6 +55,10 @@ def check_fits(adapter: Artifact, model: Artifact, opts: RunOptions) -> None:
                         "on disk to compare with: assuming the model was made from it")
             return
         distance = weight_distance(model, origin)
+        if distance is None:
+            log.warning(f"{model.source or model.path} records no lineage and is not read tensor by tensor here "
+                        f"(bitsandbytes): assuming adapter {adapter.path} fits it")
+            return
         if distance > CLOSE_ENOUGH:
             far = "do not match its tensors" if math.isinf(distance) else f"lie {distance:.2f} (relative) from its weights"
             raise CaloraError(f"adapter {adapter.path} was trained on another base ({origin.path}): "
@@ -113,6 +117,10 @@ def check_descends(model: Artifact, origin: Artifact, what: str, opts: RunOption
     where = model.source or model.path
     if model.manifest is None:
         distance = weight_distance(model, origin)
+        if distance is None:
+            log.warning(f"{where} has no calora lineage, and its weights are not read tensor by tensor here "
+                        f"(bitsandbytes): assuming it was {what} {origin.path}")
+            return
         if distance <= CLOSE_ENOUGH:
             return
         if math.isinf(distance):
@@ -123,14 +131,20 @@ def check_descends(model: Artifact, origin: Artifact, what: str, opts: RunOption
     raise CaloraError(f"{where} was not {what} {origin.path}; pass --allow-base-mismatch to use it anyway")
 
 
-def weight_distance(model: Artifact, origin: Artifact) -> float:
+def weight_distance(model: Artifact, origin: Artifact) -> float | None:
     """Relative distance ||W - W_model|| / ||W|| over the first decoder layer's linear weights, the
-    model's read as calora computes with them (dequantized GPTQ or GGUF)."""
+    model's read as calora computes with them (dequantized GPTQ or GGUF); None for a model whose
+    tensors calora does not read one by one (a bitsandbytes checkpoint)."""
+    import json
+
     import torch
 
     from calora_cli.streaming import LayerSource
     from calora_cli.tensor_io import ShardReader
 
+    q = json.loads((model.path / "config.json").read_text()).get("quantization_config") or {}
+    if q.get("quant_method") == "bitsandbytes":
+        return None
     source = LayerSource(model.path, model.weights, torch.float32, torch.device("cpu"))
     readers = [ShardReader(w) for w in origin.weights] if not origin.gguf else []
     try:

@@ -161,3 +161,29 @@ def test_gptq_of_another_model_is_refused(cli, tmp_path, foreign, trained_base, 
                               "--teacher", trained_base, "--calib", calib_text, "--calib-samples", "2",
                               "--seq-len", "32"))
     assert "--allow-base-mismatch" in line and not out.exists()
+
+
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_saved_bitsandbytes_checkpoint(cli, tmp_path, kind, wide_base, wide_lora, calib_text, held_out):
+    """A bitsandbytes checkpoint saved by transformers: calora's eval equals transformers' loading of
+    it; inherit --compensate takes it (its lineage cannot be checked tensor by tensor: a warning)
+    and brings the predictions closer to the teacher + LoRA's; merge refuses in one line."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    config = (BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+              if kind == "nf4" else BitsAndBytesConfig(load_in_8bit=True))
+    base = tmp_path / kind
+    AutoModelForCausalLM.from_pretrained(wide_base, quantization_config=config, device_map="cpu",
+                                         dtype=torch.float32).save_pretrained(base)
+    AutoTokenizer.from_pretrained(wide_base).save_pretrained(base)
+    assert abs(_logppl(cli, base, "--adapter", wide_lora, "--ppl", held_out)
+               - transformers_nll(base, held_out, wide_lora)) < 1e-4
+    comp = tmp_path / "comp"
+    r = cli("inherit", wide_lora, "--base", base, "-o", comp, "--compensate", "16", "--teacher", wide_base,
+            "--calib", calib_text, "--calib-samples", "8", "--seq-len", "64", "--json", "--quiet")
+    assert r.exit_code == 0, r.stderr[-1500:]
+    ids = _ids(wide_base, held_out)
+    target = _log_probs(wide_base, wide_lora, ids)
+    assert _kl(target, _log_probs(base, comp, ids)) < _kl(target, _log_probs(base, wide_lora, ids))
+    out = tmp_path / "merged"
+    assert "bitsandbytes" in one_line_error(cli("merge", base, "--adapter", wide_lora, "-o", out)) and not out.exists()
