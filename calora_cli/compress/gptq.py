@@ -104,6 +104,31 @@ def _in_solve_order(weight: "torch.Tensor", held: list, perm: "torch.Tensor", de
     return W, torch.linalg.cholesky(Hinv, upper=True)
 
 
+def _solve_columns(W: "torch.Tensor", Hinv: "torch.Tensor", blocksize: int, round_column) -> "torch.Tensor":
+    """GPTQ's column loop (lazy batches of `blocksize` columns): each column rounded by
+    `round_column(c, running column) -> its value`, the rounding error spread over the columns not
+    yet solved through the inverse Hessian's factor. W (in solve order) is updated in place, a
+    block at a time, as the reference does; returns the rounded weight."""
+    import torch
+
+    cols = W.shape[1]
+    Q = torch.empty_like(W)
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        W1 = W[:, i1:i2].clone()
+        Err = torch.empty_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            w = W1[:, i]
+            q = round_column(i1 + i, w)
+            Q[:, i1 + i] = q
+            err = (w - q) / Hinv1[i, i]
+            W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
+            Err[:, i] = err
+        W[:, i2:] -= Err @ Hinv[i1:i2, i2:]
+    return Q
+
+
 def quantize(weight: "torch.Tensor", hessian: "torch.Tensor", bits: int, group_size: int,
              keep: "torch.Tensor | None" = None, damp: float = DAMP, blocksize: int = BLOCK,
              reorder: bool = True, round_scales: bool = False) -> Quantized:
@@ -138,39 +163,30 @@ def quantize(weight: "torch.Tensor", hessian: "torch.Tensor", bits: int, group_s
     groups = cols // group_size
     scales = torch.empty(rows, groups, device=dev)  # by solve-order group
     codes = torch.empty(rows, cols, dtype=torch.uint8, device=dev)  # 2-8 bit codes
-    Q = torch.empty_like(W)
     scale = None
-    for i1 in range(0, cols, blocksize):
-        i2 = min(i1 + blocksize, cols)
-        W1 = W[:, i1:i2].clone()
-        Err = torch.empty_like(W1)
-        Hinv1 = Hinv[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            c = i1 + i
-            if c % group_size == 0:
-                # from W (updated once per block), as the reference does; pruned weights do not
-                # widen the range, they will be 0 whatever their running value
-                g = W[:, c : c + group_size]
-                if keep is not None:
-                    g = g * keep[:, c : c + group_size]
-                top = g.abs().amax(dim=1)
-                top = torch.where(top == 0, 1.0, top)
-                scale = 2 * top / maxq
-                if round_scales:
-                    scale = scale.half().float()
-                scales[:, c // group_size] = scale
-            w = W1[:, i]
-            code = torch.clamp(torch.round(w / scale) + mid, 0, maxq)
+
+    def round_column(c: int, w: "torch.Tensor") -> "torch.Tensor":
+        nonlocal scale
+        if c % group_size == 0:
+            # from W (updated once per block), as the reference does; pruned weights do not
+            # widen the range, they will be 0 whatever their running value
+            g = W[:, c : c + group_size]
             if keep is not None:
-                code = torch.where(keep[:, c], code, float(mid))
-            q = scale * (code - mid)
-            codes[:, c] = code.to(torch.uint8)
-            Q[:, c] = q
-            err = (w - q) / Hinv1[i, i]
-            W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
-            Err[:, i] = err
-        W[:, i2:] -= Err @ Hinv[i1:i2, i2:]
-    del W, Hinv, W1, Err  # before packing, the other peak
+                g = g * keep[:, c : c + group_size]
+            top = g.abs().amax(dim=1)
+            top = torch.where(top == 0, 1.0, top)
+            scale = 2 * top / maxq
+            if round_scales:
+                scale = scale.half().float()
+            scales[:, c // group_size] = scale
+        code = torch.clamp(torch.round(w / scale) + mid, 0, maxq)
+        if keep is not None:
+            code = torch.where(keep[:, c], code, float(mid))
+        codes[:, c] = code.to(torch.uint8)
+        return scale * (code - mid)
+
+    Q = _solve_columns(W, Hinv, blocksize, round_column)
+    del W, Hinv  # before packing, the other peak
 
     inverse = torch.argsort(perm)
     group_of = perm.view(groups, group_size)[:, 0] // group_size  # solve-order group -> stored group
@@ -211,23 +227,13 @@ def quantize_on_grid(weight: "torch.Tensor", hessian: "torch.Tensor", scale: "to
     S, Z = scale.float()[:, perm], offset.float()[:, perm]
     safe = torch.where(S == 0, 1.0, S)  # a zero scale leaves one grid point: the offset
     codes = torch.empty(rows, cols, dtype=torch.int16)
-    Q = torch.empty_like(W)
-    for i1 in range(0, cols, blocksize):
-        i2 = min(i1 + blocksize, cols)
-        W1 = W[:, i1:i2].clone()
-        Err = torch.empty_like(W1)
-        Hinv1 = Hinv[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            c = i1 + i
-            w = W1[:, i]
-            code = torch.clamp(torch.round((w - Z[:, c]) / safe[:, c]), qmin, qmax)
-            q = S[:, c] * code + Z[:, c]
-            codes[:, c] = code.to(torch.int16)
-            Q[:, c] = q
-            err = (w - q) / Hinv1[i, i]
-            W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
-            Err[:, i] = err
-        W[:, i2:] -= Err @ Hinv[i1:i2, i2:]
+
+    def round_column(c: int, w: "torch.Tensor") -> "torch.Tensor":
+        code = torch.clamp(torch.round((w - Z[:, c]) / safe[:, c]), qmin, qmax)
+        codes[:, c] = code.to(torch.int16)
+        return S[:, c] * code + Z[:, c]
+
+    Q = _solve_columns(W, Hinv, blocksize, round_column)
     inverse = torch.argsort(perm)
     return Q[:, inverse].contiguous(), codes[:, inverse].contiguous()
 
