@@ -331,7 +331,7 @@ def merge(base: Path, adapters: list[Path], out: Path, opts: RunOptions, weights
     names = {shard: tensor_names(shard) for shard in base_art.weights}
     added = _added_tensors(extras, names, config, gptq is not None and not dense)
     suffix = ".qweight" if gptq else ".weight"
-    present = {n.removesuffix(suffix) for shard in base_art.weights for n in tensor_names(shard) if n.endswith(suffix)}
+    present = {n.removesuffix(suffix) for ns in names.values() for n in ns if n.endswith(suffix)}
     missing = sorted(set(plan) - present)
     if missing:
         raise CaloraError(f"the base has no weight {missing[0]}{suffix} that the adapter adapts ({len(missing)} missing)")
@@ -405,23 +405,21 @@ def _added_tensors(extras, names: dict, config: dict, quantized: bool) -> dict:
     the tied head's original table when the embedding's LoRA changes the embedding (peft's forward
     adds it to the lookup only); anything else refused."""
     have = {n for ns in names.values() for n in ns}
-    added: dict = {}
     emb, head = "model.embed_tokens.weight", "lm_head.weight"
     tied = head not in have and config.get("tie_word_embeddings", True)
+    heads = []
     if tied and "model.embed_tokens" in extras.embedding and head not in extras.replaces:
-        shard = next(s for s, ns in names.items() if emb in ns)
-        added.setdefault(shard, []).append((head, extras.replaces.get(emb, emb)))
+        heads.append((head, extras.replaces.get(emb, emb)))
     for target in sorted(extras.targets() - have):
         if quantized and target.removesuffix(".weight") + ".qweight" in have:
             raise CaloraError(f"the adapter replaces {target}, a GPTQ layer of the base: merge into a dense model "
                               "(--dense)")
-        if target == "lm_head.weight" and target in extras.replaces and config.get("tie_word_embeddings", True):
-            shard = next(s for s, ns in names.items() if "model.embed_tokens.weight" in ns)
-            added.setdefault(shard, []).append((target, extras.replaces[target]))
+        if target == head and tied and target in extras.replaces:
+            heads.append((head, extras.replaces[head]))
             continue
         what = "lora_bias adds to a bias" if target.endswith(".bias") else "the adapter changes it"
         raise CaloraError(f"the base has no tensor {target} ({what}); peft could not merge it either")
-    return added
+    return {next(s for s, ns in names.items() if emb in ns): heads} if heads else {}
 
 
 def _merge_gguf(base_art, config: dict, arts, plan: dict, keep: bool, weights, out: Path, opts: RunOptions,

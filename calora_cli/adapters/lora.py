@@ -94,8 +94,7 @@ def refuse_passengers(state: dict, config: dict, doing: str, instead: str) -> No
     if config.get("use_dora") and "DoRA magnitude" not in kinds:
         kinds.insert(0, "DoRA magnitude")
     if kinds:
-        first = next((p for p in found), None)
-        example = f" (e.g. {first.key})" if first is not None else ""
+        example = f" (e.g. {found[0].key})" if found else ""
         raise CaloraError(f"adapter holds {', '.join(kinds)}{example}, which {doing} cannot take: {instead}")
 
 
@@ -176,7 +175,6 @@ def extras(state: dict, config: dict) -> Extras:
     """The Extras of a peft LoRA state dict, with the scales peft applies."""
     out = Extras()
     pairs: dict[str, dict] = {}
-    indices = config.get("trainable_token_indices")
     for p in passengers(state):
         t = state[p.key]
         if not t.isfinite().all():
@@ -188,11 +186,7 @@ def extras(state: dict, config: dict) -> Extras:
         elif p.what == "embedding LoRA":
             pairs.setdefault(p.module, {})[p.key[-1]] = t
         elif p.what == "trainable tokens":
-            rows = indices.get(p.module.rsplit(".", 1)[-1], []) if isinstance(indices, dict) else indices
-            if not rows or len(rows) != t.shape[0]:
-                raise CaloraError(f"adapter's trainable tokens {p.key} hold {t.shape[0]} rows; its config lists "
-                                  f"{len(rows or [])} token indices")
-            out.tokens[p.module] = (list(rows), t)
+            out.tokens[p.module] = (token_rows(config, p, t), t)
         else:
             out.replaces[p.target] = t
     for module, ab in pairs.items():
@@ -202,6 +196,17 @@ def extras(state: dict, config: dict) -> Extras:
         # the table is (vocab, hidden); peft's delta is (B A)^T: as factors of the transposed table
         out.embedding[module] = LoraFactors(module, ab["B"].T, ab["A"].T, _scale(config, module, r))
     return out
+
+
+def token_rows(config: dict, p: Passenger, t: "torch.Tensor") -> list[int]:
+    """The embedding rows a trainable-tokens passenger `t` replaces: peft's trainable_token_indices,
+    a list (the input embedding) or {module name: list}; one index per row of `t`."""
+    indices = config.get("trainable_token_indices")
+    rows = indices.get(p.module.rsplit(".", 1)[-1], []) if isinstance(indices, dict) else indices
+    if not rows or len(rows) != t.shape[0]:
+        raise CaloraError(f"adapter's trainable tokens {p.key} hold {t.shape[0]} rows; its config lists "
+                          f"{len(rows or [])} token indices")
+    return list(rows)
 
 
 def _rank(state: dict, module: str) -> int:

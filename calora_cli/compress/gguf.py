@@ -97,7 +97,7 @@ def solve_codes(src, path: Path, calib, config: dict, opts, on_block: Callable[[
     try:
         source.embed()
         for _ in prune_sequential(source.model, calib, None, None, None, None, on_block=on_block,
-                                  blocks=_released(source), keep=spill, quantize=quantize, on_quantized=next_block):
+                                  blocks=source.blocks_after_embedding(), keep=spill, quantize=quantize, on_quantized=next_block):
             pass
     finally:
         spill.remove()
@@ -105,13 +105,6 @@ def solve_codes(src, path: Path, calib, config: dict, opts, on_block: Callable[[
         reader.data.flush()
         del tensors, reader
     return dict(sorted(solved.items()))
-
-
-def _released(source):
-    for i, block in enumerate(source.blocks()):
-        if i == 0:
-            source.release_embedding()
-        yield block
 
 
 def float_type_for(gguf_type: str, storage: str) -> str:

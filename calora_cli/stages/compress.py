@@ -189,7 +189,7 @@ def _stream(src, into: Path, calib, spec: CompressSpec, nm, opts: RunOptions) ->
         with progress(label, n_blocks, opts.show_progress) as advance:
             reports = list(prune_sequential(source.model, calib, rates, method.prune if prunes else None,
                                             method.NEEDS if prunes else None, nm, on_block=advance,
-                                            blocks=_embedding_released(source, writer), keep=spill, quantize=quantize,
+                                            blocks=source.blocks_after_embedding(writer), keep=spill, quantize=quantize,
                                             on_quantized=on_quantized, quantize_needs=quantize_needs,
                                             pruner_compensates=prunes and method.COMPENSATES))
         writer.finish()
@@ -261,15 +261,6 @@ def _packed_into(writer):
                            for part, t in parts.items()})
 
     return hand_over
-
-
-def _embedding_released(source, writer=None):
-    """The source's blocks, its input embedding freed once block 0's inputs are captured (the
-    engine asks for block 0 only then): for a 32k x 4096 vocabulary that is 0.5 GB of float32."""
-    for i, block in enumerate(source.blocks(writer)):
-        if i == 0:
-            source.release_embedding()
-        yield block
 
 
 def _counted(blocks, advance):

@@ -158,10 +158,9 @@ def _passengers(state: dict, config: dict, base_art, factors: dict, carried: lis
             emb = tensors.get(p.target)
             if emb is None:
                 raise CaloraError(f"adapter's trainable tokens {p.key} replace rows of {p.module}, which the base does not have")
-            indices = config.get("trainable_token_indices") or []
-            indices = indices if isinstance(indices, list) else [i for v in indices.values() for i in v]
-            if indices and max(indices) >= emb[0]:
-                raise CaloraError(f"adapter's trainable token {max(indices)} lies beyond the base's vocabulary of {emb[0]}")
+            rows = lora.token_rows(config, p, t)
+            if max(rows) >= emb[0]:
+                raise CaloraError(f"adapter's trainable token {max(rows)} lies beyond the base's vocabulary of {emb[0]}")
             want = (t.shape[0], emb[1])
         else:
             if p.target not in tensors:
