@@ -351,7 +351,7 @@ def compress(
     group_size: Annotated[int, typer.Option("--group-size", help="GPTQ group size: 32, 64, 128 or 256, dividing every linear's input features.")] = 128,
     calib: Annotated[Optional[Path], typer.Option("--calib", help="Calibration text (needed by wanda, sparsegpt, gptq, rmi).")] = None,
     calib_samples: Annotated[int, typer.Option("--calib-samples", help="Calibration windows drawn from --calib.")] = 32,
-    activation_memory: Annotated[float, typer.Option("--activation-memory", help="Pruning: GB of calibration activations "
+    activation_memory: Annotated[float, typer.Option("--activation-memory", help="Pruning, GPTQ, gguf --solver gptq: GB of calibration activations "
                                  "kept in memory between layers; beyond it they spill to the output's temp dir.")] = 2.0,
     seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per calibration window (nola: per training sequence).")] = 256,
     bases: Annotated[str, typer.Option("--bases", help="nola: K[,L] random bases for A (and B).")] = "1024",

@@ -46,7 +46,8 @@ def importance_matrix(source, calib, config: dict, on_block: Callable[[int], Non
     return out
 
 
-def solve_codes(src, path: Path, calib, config: dict, opts, on_block: Callable[[int], None] | None = None) -> dict:
+def solve_codes(src, path: Path, calib, config: dict, opts, activation_gb: float,
+                on_block: Callable[[int], None] | None = None) -> dict:
     """`--solver gptq`: keep the scales and mins llama.cpp's quantizer chose for every block linear of
     the GGUF at `path`, and choose the codes again with GPTQ (compress/gptq.quantize_on_grid),
     block by block with the earlier blocks already solved, as calora's GPTQ does. The file is
@@ -93,7 +94,7 @@ def solve_codes(src, path: Path, calib, config: dict, opts, on_block: Callable[[
         block[0] = i + 1
 
     source = LayerSource(src.path, src.weights, torch_dtype(opts.dtype), resolve_device(opts.device))
-    spill = Spill(int(2e9), path.parent / ".spill")
+    spill = Spill(int(activation_gb * 1e9), path.parent / ".spill")
     try:
         source.embed()
         for _ in prune_sequential(source.model, calib, None, None, None, None, on_block=on_block,
@@ -134,7 +135,7 @@ def fallbacks(types: dict[str, str]) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
-def convert(src, into: Path, gguf_type: str, calib, opts, solver: str = "llama.cpp") -> dict:
+def convert(src, into: Path, gguf_type: str, calib, opts, solver: str = "llama.cpp", activation_gb: float = 2.0) -> dict:
     """`src` (a dense safetensors model artifact) as `into`/model.gguf of `gguf_type`, with its config
     and tokenizer files beside it (what reads the GGUF back as a Hugging Face model); returns the
     metrics. calora writes the float GGUF one tensor at a time; llama.cpp's quantizer makes the type
@@ -180,7 +181,7 @@ def convert(src, into: Path, gguf_type: str, calib, opts, solver: str = "llama.c
     solved = None
     if solver == "gptq":
         with progress("gptq codes on llama.cpp's grids", config["num_hidden_layers"], opts.show_progress) as advance:
-            solved = solve_codes(src, target, calib, config, opts, on_block=advance)
+            solved = solve_codes(src, target, calib, config, opts, activation_gb, on_block=advance)
     for f in companion_files(src.path):
         shutil.copy2(f, into / f.name)
     out = {"gguf_type": gguf_type, "float_type": float_type, "tensor_types": fallbacks(tensor_types(target)),

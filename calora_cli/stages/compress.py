@@ -217,7 +217,7 @@ def _stream(src, into: Path, calib, spec: CompressSpec, nm, opts: RunOptions) ->
 def _gguf(src, into: Path, calib, spec: CompressSpec, nm, opts: RunOptions) -> dict:
     from calora_cli.compress.gguf import convert
 
-    return convert(src, into, spec.gguf_type, calib, opts, spec.solver)
+    return convert(src, into, spec.gguf_type, calib, opts, spec.solver, spec.activation_gb)
 
 
 def _quantizer(spec: CompressSpec, model_type: str, compute_dtype):
