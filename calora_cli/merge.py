@@ -3,7 +3,8 @@
 Dense and pruned bases: W' = W + sum_k w_k s_k B_k A_k (masked to W != 0 when sparsity is kept).
 GPTQ bases: each adapted linear is dequantized, merged, and re-quantized round-to-nearest onto a
 fresh grid with the same bits, group size and groups (peft refuses to merge into GPTQ layers);
-`--dense` instead writes every linear dequantized and drops the quantization config.
+`--dense` instead writes every linear dequantized and drops the quantization config; AWQ and
+compressed-tensors bases (formats/) merge with --dense only.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from calora_cli.adapters import is_kind
 from calora_cli.artifacts import (
@@ -27,6 +29,9 @@ from calora_cli.errors import CaloraError
 from calora_cli.progress import progress
 from calora_cli.run import RunOptions, check_fits, open_model
 from calora_cli.tensor_io import ReadBuffers, ShardReader, dtype_code, tensor_names, write_tensors
+
+if TYPE_CHECKING:
+    from calora_cli.formats import Layout
 
 log = logging.getLogger(__name__)
 
@@ -51,17 +56,23 @@ class Gptq:
         return cls(bits=q["bits"], sym=bool(q.get("sym", True)), v1=is_v1(q), grid=grid)
 
 
-def _quantization(config: dict, grid: str) -> Gptq | None:
-    q = config.get("quantization_config")
-    if not q:
-        return None
-    method = q.get("quant_method", "quantized")
-    if method != "gptq":
+def _quantization(config: dict, grid: str, dense: bool, where) -> tuple["Layout | None", Gptq | None]:
+    """The base's quantized layout (formats/) and, for a GPTQ base merged into GPTQ, what
+    re-quantizing needs. AWQ and compressed-tensors bases merge with --dense only."""
+    from calora_cli.formats import is_load_time, layout_of
+
+    if is_load_time(config):
         raise CaloraError(
-            f"merging into a {method} base is not supported: bitsandbytes quantizes when the model loads, so merge into "
-            "the unquantized model and `calora compress` the result with the same method"
+            "merging into a bitsandbytes base is not supported: bitsandbytes quantizes when the model loads, so merge "
+            "into the unquantized model and `calora compress` the result with the same method"
         )
-    return Gptq.from_config(q, grid)
+    layout = layout_of(config, where)
+    if layout is None or layout.method != "gptq":
+        if layout is not None and not dense:
+            raise CaloraError(f"{where} is {layout.describe()}, and merge re-quantizes into GPTQ only: pass --dense to "
+                              "write the merged model dequantized (then compress it again), or keep the adapter apart")
+        return layout, None
+    return layout, Gptq.from_config(config["quantization_config"], grid)
 
 
 class _Folder:
@@ -196,28 +207,34 @@ def _dense_dtype(config: dict):
     return getattr(torch, name) if isinstance(getattr(torch, name, None), torch.dtype) else torch.float32
 
 
-def _merge_shard(src: Path, dst: Path, folder: _Folder, gptq: Gptq | None, dense: bool, dense_dtype,
+def _merge_shard(src: Path, dst: Path, folder: _Folder, layout, gptq: Gptq | None, dense: bool, dense_dtype,
                  added: list = ()) -> str:
-    """Merge one shard into dst; returns its sha256 (computed while writing)."""
+    """Merge one shard into dst; returns its sha256 (computed while writing). A quantized linear's
+    stored parts are re-quantized (GPTQ) or, with --dense, replaced by its merged float weight."""
     from calora_cli.compress.gptq_format import PARTS
 
     header = read_safetensors_header(src)
     names = tensor_names(src)
-    quantized = {n.removesuffix(".qweight") for n in names if n.endswith(".qweight")} if gptq else set()
-    for m in sorted(quantized):
-        lost = [p for p in PARTS if f"{m}.{p}" not in header]
-        if lost:
-            raise CaloraError(f"{src.name}: GPTQ layer {m} has no {lost[0]} in the same file")
+    stored: dict[str, list[str]] = {}  # quantized module -> its stored tensors
+    if layout is not None:
+        for m in sorted({n.rpartition(".")[0] for n in names}):
+            parts = layout.parts(m, header)
+            if parts:
+                lost = [p for p in parts if p not in header]
+                if lost:
+                    raise CaloraError(f"{src.name}: quantized layer {m} has no {lost[0]} in the same file")
+                stored[m] = parts
     entries = []
-    for n in names:
-        module, _, part = n.rpartition(".")
-        if module in quantized and part in PARTS:
-            if dense:
-                if part == "qweight":
-                    shape = [header[f"{module}.scales"]["shape"][1], header[f"{module}.g_idx"]["shape"][0]]
-                    entries.append((f"{module}.weight", dtype_code(dense_dtype), shape))
-                continue
-        entries.append((n, header[n]["dtype"], header[n]["shape"]))
+    with ShardReader(src) as f:
+        for n in names:
+            module = n.rpartition(".")[0]
+            if module in stored and n in stored[module]:
+                if dense:
+                    if n == stored[module][0]:  # one float weight where its parts were
+                        shape = layout.dense_shape(module, header, f.get_tensor)
+                        entries.append((f"{module}.weight", dtype_code(dense_dtype), shape))
+                    continue
+            entries.append((n, header[n]["dtype"], header[n]["shape"]))
     extra = dict(added)
     entries += [(n, header["model.embed_tokens.weight"]["dtype"], list(t.shape)) for n, t in extra.items()]
 
@@ -225,22 +242,16 @@ def _merge_shard(src: Path, dst: Path, folder: _Folder, gptq: Gptq | None, dense
     buffers = ReadBuffers()  # each tensor read is written before the read after next, as ReadBuffers needs
     with ShardReader(src) as f:
 
-        def parts(module: str) -> dict:
-            return {p: f.get_tensor(f"{module}.{p}") for p in PARTS}
-
         def produce(name: str):
-            from calora_cli.compress.gptq_format import dequantize
-
             module, _, part = name.rpartition(".")
-            # a GPTQ layer's packed parts (qweight, ...), or with --dense the weight that replaces them;
-            # its bias (Qwen2's q/k/v) is stored plain and passes through
-            packed = module in quantized and (part in PARTS or (dense and part == "weight"))
-            if packed and dense:
-                W = dequantize(parts(module), gptq.bits, gptq.v1)
+            # a quantized layer's merged float weight (--dense), or its GPTQ parts re-quantized; its
+            # bias (Qwen2's q/k/v) is stored plain and passes through
+            if module in stored and dense and part == "weight":
+                W = layout.dequantize(module, {p: f.get_tensor(p) for p in stored[module]})
                 return folder.dense(module, W).to(dense_dtype) if module in folder.plan else W.to(dense_dtype)
-            if packed and module in folder.plan:
+            if module in stored and name in stored[module] and module in folder.plan:
                 if module not in done:
-                    done[module] = folder.requantized(module, parts(module), gptq)
+                    done[module] = folder.requantized(module, {p: f.get_tensor(f"{module}.{p}") for p in PARTS}, gptq)
                 return done[module].pop(part)
             if part == "weight" and module in folder.plan:
                 return folder.dense(module, f.get_tensor(name, buffers))
@@ -258,8 +269,8 @@ def _merge_shard(src: Path, dst: Path, folder: _Folder, gptq: Gptq | None, dense
 SHARD_WORKERS = 2
 
 
-def _merge_shards(base_art, tmp: Path, plan: dict, keep: bool, advance, gptq: Gptq | None, dense: bool, dense_dtype,
-                  extras=None, added: dict | None = None):
+def _merge_shards(base_art, tmp: Path, plan: dict, keep: bool, advance, layout, gptq: Gptq | None, dense: bool,
+                  dense_dtype, extras=None, added: dict | None = None):
     """Merge every shard into tmp, SHARD_WORKERS shards at a time on threads (file reads and writes,
     hashing and torch's arithmetic all release the GIL, so one shard's I/O overlaps another's
     compute: alone, the reading, the adapters' products and the hashing of a shard run one after
@@ -270,7 +281,7 @@ def _merge_shards(base_art, tmp: Path, plan: dict, keep: bool, advance, gptq: Gp
     shards = list(base_art.weights)
     folders = [_Folder(plan, keep, advance, extras) for _ in shards]
     with ThreadPoolExecutor(max_workers=max(1, min(SHARD_WORKERS, len(shards)))) as pool:
-        futures = [pool.submit(_merge_shard, shard, tmp / shard.relative_to(base_art.path), f, gptq, dense, dense_dtype,
+        futures = [pool.submit(_merge_shard, shard, tmp / shard.relative_to(base_art.path), f, layout, gptq, dense, dense_dtype,
                                (added or {}).get(shard, ()))
                    for shard, f in zip(shards, folders)]
         try:
@@ -314,8 +325,8 @@ def merge(base: Path, adapters: list[Path], out: Path, opts: RunOptions, weights
                           "the adapter apart for llama.cpp to apply at run time (calora export --adapter)")
     if grid not in GRIDS:
         raise CaloraError(f"--grid must be one of {', '.join(GRIDS)}, got {grid!r}")
-    gptq = _quantization(config, grid)
-    if dense and gptq is None:
+    layout, gptq = _quantization(config, grid, dense, base_art.source or base_art.path)
+    if dense and layout is None:
         log.warning("--dense has no effect: the base is not quantized")
     arts = [open_artifact(a, expect="adapter", role="adapter") for a in adapters]
     for art in arts:
@@ -330,25 +341,24 @@ def merge(base: Path, adapters: list[Path], out: Path, opts: RunOptions, weights
         return _merge_gguf(base_art, config, arts, plan, keep, weights, out, opts, extras)
     names = {shard: tensor_names(shard) for shard in base_art.weights}
     added = _added_tensors(extras, names, config, gptq is not None and not dense)
-    suffix = ".qweight" if gptq else ".weight"
-    present = {n.removesuffix(suffix) for ns in names.values() for n in ns if n.endswith(suffix)}
-    missing = sorted(set(plan) - present)
+    have = {n for ns in names.values() for n in ns}
+    missing = sorted(m for m in plan if f"{m}.weight" not in have and not (layout and layout.parts(m, have)))
     if missing:
-        raise CaloraError(f"the base has no weight {missing[0]}{suffix} that the adapter adapts ({len(missing)} missing)")
+        raise CaloraError(f"the base has no weight {missing[0]} that the adapter adapts ({len(missing)} missing)")
 
     with atomic_output(out, opts.force) as tmp, progress("merge", len(plan), opts.show_progress) as advance:
         for f in companion_files(base_art.path, with_index=True):  # same shard names: the index still holds
             shutil.copy2(f, tmp / f.name)
-        if gptq and dense:
+        if layout and dense:
             config.pop("quantization_config")
             (tmp / "quantize_config.json").unlink(missing_ok=True)
         if added:  # a tied head given its own copy (modules_to_save): the merged model unties it, as peft's does
             config["tie_word_embeddings"] = False
-        if (gptq and dense) or added:
+        if (layout and dense) or added:
             (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        hashes, stats = _merge_shards(base_art, tmp, plan, keep, advance, gptq, dense, _dense_dtype(config), extras,
-                                      added)
-        if (gptq and dense) or added:
+        hashes, stats = _merge_shards(base_art, tmp, plan, keep, advance, layout, gptq, dense, _dense_dtype(config),
+                                      extras, added)
+        if (layout and dense) or added:
             _reindex(tmp)
         n = max(1, stats["elements"])
         metrics = {
@@ -362,12 +372,12 @@ def merge(base: Path, adapters: list[Path], out: Path, opts: RunOptions, weights
             metrics["delta_kept"] = stats["delta_kept"] / stats["requantized"]
         inputs = {"base": base_art.input_record(), **{f"adapter{i}": a.input_record() for i, a in enumerate(arts)}}
         params = {"weights": weights, "keep_sparsity": keep, "adapters": len(arts)}
-        if gptq:
+        if layout:
             params["quantized"] = "dense" if dense else f"gptq{gptq.bits} re-quantized round-to-nearest, {grid} grid"
         write_manifest(tmp, kind="model", stage="merge", params=params, inputs=inputs, metrics=metrics,
                        lineage=base_art.lineage, known_hashes=hashes)
     # a GPTQ layer's zero codes are values, not pruning, unless the base was pruned before GPTQ
-    pruned = gptq is None or bool((base_art.manifest or {}).get("params", {}).get("sparsity"))
+    pruned = layout is None or bool((base_art.manifest or {}).get("params", {}).get("sparsity"))
     if metrics["zeros_filled"] and not keep and pruned:
         log.warning(f"the merge filled {metrics['zeros_filled']} zeros of the base's adapted layers "
                   f"(sparsity {metrics['sparsity_before']:.1%} -> {metrics['sparsity_after']:.1%}); "

@@ -24,8 +24,8 @@ if TYPE_CHECKING:
 
 
 def load_model(path: Path, device: str = "cpu", dtype: str = "float32", shardable: bool = False) -> "PreTrainedModel":
-    """A causal LM from a local Hugging Face directory (dense, pruned, GPTQ or bitsandbytes), or a
-    GGUF model artifact (config.json beside model.gguf).
+    """A causal LM from a local Hugging Face directory (dense, pruned, GPTQ, AWQ, compressed-tensors
+    or bitsandbytes), or a GGUF model artifact (config.json beside model.gguf).
 
     `shardable`: the caller shards the model with distributed.shard_model; under FSDP it then
     comes back as a skeleton whose weights are read slice by slice once sharded (`skeleton`)."""
@@ -40,7 +40,7 @@ def load_model(path: Path, device: str = "cpu", dtype: str = "float32", shardabl
     if config is not None:
         check_supported(config, path)
     quantization = (config or {}).get("quantization_config") or {}
-    import_stack(gptq=quantization.get("quant_method") == "gptq")
+    import_stack(gptq=quantization.get("quant_method") in ("gptq", "awq"))
     dev = resolve_device(device)
     if shardable and sharded():
         from calora_cli.sharded_load import skeleton
@@ -49,6 +49,8 @@ def load_model(path: Path, device: str = "cpu", dtype: str = "float32", shardabl
     gguf_file = Path(path) / "model.gguf"
     if gguf_file.is_file() and not any(Path(path).glob("*.safetensors")):
         model = _from_gguf(Path(path), gguf_file, config, dev, torch_dtype(dtype))
+    elif _dequantized_on_load(config or {}, path):
+        model = _from_weight_source(Path(path), dev, torch_dtype(dtype))
     else:
         model = _from_safetensors(path, dev, dtype, quantization)
     import torch
@@ -77,6 +79,39 @@ def _from_safetensors(path: Path, dev, dtype: str, quantization: dict) -> "PreTr
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CaloraError(f"cannot load model {path}: {first}") from e
+    return model
+
+
+def _dequantized_on_load(config: dict, path: Path) -> bool:
+    """A compressed-tensors checkpoint quantizing weights only: transformers would decompress it into
+    plain linears on the CPU anyway, and its loader fails on some of them (transformers 5.25 with
+    compressed-tensors 0.20 refuses asymmetric pack-quantized zero points), so calora dequantizes
+    it itself, with compressed-tensors' own decompressors (formats/). Activation-quantized schemes
+    (W8A8) still load through transformers, which applies the activation rounding."""
+    if (config.get("quantization_config") or {}).get("quant_method") != "compressed-tensors":
+        return False
+    from calora_cli.formats import layout_of
+
+    return layout_of(config, path).weight_only
+
+
+def _from_weight_source(path: Path, dev, dtype) -> "PreTrainedModel":
+    """A dense model holding a quantized checkpoint's weights dequantized tensor by tensor
+    (streaming.LayerSource, the reader every streamed stage uses): plain nn.Linear layers."""
+    from calora_cli.arch import LAYERS_PREFIX
+    from calora_cli.streaming import LayerSource
+
+    source = LayerSource(path, sorted(path.glob("*.safetensors")), dtype, dev)
+    try:
+        source.embed()
+        for i, block in enumerate(source.layers):
+            source.load(block, f"{LAYERS_PREFIX}{i}.")
+        source.head()
+    finally:
+        source.close()
+    model = source.model
+    model.tie_weights()  # a tied head shares the embedding just read
+    del model.config.quantization_config  # what it holds now is dense: peft and transformers must not see a quantizer
     return model
 
 

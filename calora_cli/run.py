@@ -133,17 +133,17 @@ def check_descends(model: Artifact, origin: Artifact, what: str, opts: RunOption
 
 def weight_distance(model: Artifact, origin: Artifact) -> float | None:
     """Relative distance ||W - W_model|| / ||W|| over the first decoder layer's linear weights, the
-    model's read as calora computes with them (dequantized GPTQ or GGUF); None for a model whose
+    model's read as calora computes with them (dequantized GPTQ, AWQ, compressed-tensors or GGUF); None for a model whose
     tensors calora does not read one by one (a bitsandbytes checkpoint)."""
     import json
 
     import torch
 
+    from calora_cli.formats import is_load_time
     from calora_cli.streaming import LayerSource
     from calora_cli.tensor_io import ShardReader
 
-    q = json.loads((model.path / "config.json").read_text()).get("quantization_config") or {}
-    if q.get("quant_method") == "bitsandbytes":
+    if is_load_time(json.loads((model.path / "config.json").read_text())):
         return None
     source = LayerSource(model.path, model.weights, torch.float32, torch.device("cpu"))
     readers = [ShardReader(w) for w in origin.weights] if not origin.gguf else []
@@ -153,7 +153,7 @@ def weight_distance(model: Artifact, origin: Artifact) -> float | None:
             for name in r.names():
                 if not (name.startswith("model.layers.0.") and name.endswith(".weight")) or len(r.header[name]["shape"]) != 2:
                     continue
-                theirs = source._packed(name) if source.gptq else None
+                theirs = source.dequantized(name)
                 if theirs is None:
                     if name not in source.where:
                         return math.inf

@@ -76,10 +76,12 @@ class LayerSource:
             from calora_cli.gguf.reader import GGUFTensors
 
             self.readers = [GGUFTensors(weights[0], config_dict)]
-            self.gptq = None
+            self.quantized = None
         else:
+            from calora_cli.formats import layout_of
+
             self.readers = [ShardReader(w) for w in weights]
-            self.gptq = _gptq_layout(config_dict, path)
+            self.quantized = layout_of(config_dict, path)  # GPTQ, AWQ, compressed-tensors: dequantized as read
         self.where = {n: r for r in self.readers for n in r.names()}
         with library_chatter_hidden(), init_empty_weights():
             self.model = AutoModelForCausalLM.from_config(self.config, dtype=compute_dtype)
@@ -105,18 +107,18 @@ class LayerSource:
         if reader is None:
             raise CaloraError(f"cannot load model {self.path}: its weights have no tensor {name}")
         t = reader.get_tensor(name)
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        if t.is_floating_point() and t.itemsize > 1 and not bool(torch.isfinite(t).all()):  # FP8 codes: checked dequantized
             raise CaloraError(f"model {self.path} has NaN or Inf values in {name}")
         return t
 
     def load(self, module, prefix: str) -> None:
-        """Fill `module`'s meta parameters from the tensors named `prefix` + their name. A GPTQ
-        checkpoint's linear weight is stored packed: it is dequantized (exactly, in float32) into
+        """Fill `module`'s meta parameters from the tensors named `prefix` + their name. A quantized
+        checkpoint's linear weight (GPTQ, AWQ, compressed-tensors) is dequantized (in float32) into
         the dense skeleton's weight, so the layer computes what the codes stand for."""
         from accelerate.utils import set_module_tensor_to_device
 
         for name, p in list(module.named_parameters()):
-            t = self._packed(prefix + name) if self.gptq else None
+            t = self.dequantized(prefix + name)
             if t is None:
                 t = self.read(prefix + name)
             if tuple(t.shape) != tuple(p.shape):
@@ -124,14 +126,21 @@ class LayerSource:
                                   f"its config needs {list(p.shape)}")
             set_module_tensor_to_device(module, name, self.device, value=t, dtype=self.compute_dtype)
 
-    def _packed(self, name: str) -> "torch.Tensor | None":
-        from calora_cli.compress.gptq_format import PARTS, dequantize
+    def dequantized(self, name: str) -> "torch.Tensor | None":
+        """The float32 weight `name` (module.weight) of a quantized linear, from its stored parts;
+        None where `name` is stored plain."""
+        import torch
 
         stem = name.removesuffix(".weight")
-        if name in self.where or stem == name or f"{stem}.qweight" not in self.where:
+        if self.quantized is None or stem == name:
             return None
-        bits, v1 = self.gptq
-        return dequantize({part: self.read(f"{stem}.{part}") for part in PARTS}, bits, v1)
+        parts = self.quantized.parts(stem, self.where)
+        if parts is None:
+            return None
+        w = self.quantized.dequantize(stem, {p: self.read(p) for p in parts})
+        if not bool(torch.isfinite(w).all()):
+            raise CaloraError(f"model {self.path} has NaN or Inf values in {name} (dequantized)")
+        return w
 
     @staticmethod
     def free(module) -> None:
@@ -272,21 +281,6 @@ class LayerWriter:
     def close(self) -> None:
         for writer in self.files.values():
             writer.close()
-
-
-def _gptq_layout(config: dict, path: Path) -> tuple[int, bool] | None:
-    """(bits, v1 zero points) of a GPTQ checkpoint; None for a dense one; other quantized formats
-    are refused (they load whole)."""
-    q = config.get("quantization_config")
-    if not q:
-        return None
-    if q.get("quant_method") != "gptq":
-        raise CaloraError(f"model {path} is quantized ({q.get('quant_method', 'unknown method')}); "
-                          "only dense, pruned and GPTQ checkpoints are read layer by layer")
-    from calora_cli.compress.gptq_format import check_bits, is_v1
-
-    check_bits(q.get("bits", 4))
-    return q.get("bits", 4), is_v1(q)
 
 
 def _layer_of(name: str, n: int) -> int:

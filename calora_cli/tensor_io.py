@@ -40,7 +40,8 @@ def tensor_bytes(path: Path) -> int:
 
 # safetensors' dtype names
 DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64", "int32": "I32", "int64": "I64",
-          "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL"}
+          "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL", "float8_e4m3fn": "F8_E4M3",
+          "float8_e5m2": "F8_E5M2"}
 
 
 def dtype_code(dtype: "torch.dtype") -> str:

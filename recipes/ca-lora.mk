@@ -18,6 +18,8 @@ CA_COMPRESSIONS ?= gptq4 wanda50 w24-gptq4
 CA_GROUP  ?= 128
 
 ca_method_gptq4      := --method gptq --bits 4 --group-size $(CA_GROUP)
+# the harsh base: GPTQ at 3 bits, where compensation has the most to win (EoRA's headline setting)
+ca_method_gptq3      := --method gptq --bits 3 --group-size $(CA_GROUP)
 ca_method_wanda50    := --method wanda --sparsity 0.5
 ca_method_wanda70    := --method wanda --sparsity 0.7
 ca_method_w24-gptq4  := --method wanda --pattern 2:4 --then gptq --bits 4 --group-size $(CA_GROUP)

@@ -189,3 +189,84 @@ def test_saved_bitsandbytes_checkpoint(cli, tmp_path, kind, wide_base, wide_lora
     _compensation_helps(cli, tmp_path, base, base, wide_base, wide_lora, calib_text, _ids(wide_base, held_out))
     out = tmp_path / "merged"
     assert "bitsandbytes" in one_line_error(cli("merge", base, "--adapter", wide_lora, "-o", out)) and not out.exists()
+
+
+# --- AWQ (GPTQModel) and compressed-tensors (llm-compressor's format) ---------------------------------
+
+
+@pytest.fixture(scope="module")
+def awq_base(tmp_path_factory, wide_base, calib_text) -> Path:
+    from quantized_fixtures import awq
+
+    return awq(wide_base, tmp_path_factory.mktemp("awq") / "awq", calib_text)
+
+
+def _merge_needs_dense(cli, tmp_path: Path, base: Path, lora: Path, as_is: torch.Tensor, ids: torch.Tensor,
+                       loadable: Path) -> None:
+    """merge refuses to write the base's own scheme (only GPTQ is re-quantized) in one line naming
+    --dense; with --dense the merged model loads in transformers and computes the base plus the
+    adapter (dequantized exactly: the same numbers as the LoRA on the quantized base, to kernel rounding)."""
+    out = tmp_path / "merged"
+    assert "--dense" in one_line_error(cli("merge", base, "--adapter", lora, "-o", out)) and not out.exists()
+    r = cli("merge", base, "--adapter", lora, "-o", out, "--dense", "--json", "--quiet")
+    assert r.exit_code == 0, r.stderr[-1500:]
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+    merged = _log_probs(out, None, ids)
+    assert _kl(as_is, merged) < 1e-3 * _kl(as_is, _log_probs(loadable, None, ids))
+
+
+def test_awq_base_through_every_stage(cli, tmp_path, awq_base, wide_base, wide_lora, calib_text, held_out):
+    """GPTQModel's AWQ (GEMM layout, asymmetric, group 64): calora's eval equals transformers'
+    loading of it (gptqmodel's CPU kernel), with the adapter and streamed; inherit --compensate
+    takes it without --allow-base-mismatch and helps; merge needs --dense; info names the format."""
+    q = json.loads((awq_base / "config.json").read_text())["quantization_config"]
+    assert q["quant_method"] == "awq" and q["zero_point"]
+    assert abs(_logppl(cli, awq_base, "--adapter", wide_lora, "--ppl", held_out)
+               - transformers_nll(awq_base, held_out, wide_lora)) < 1e-4
+    # streamed: dequantized by calora in float32, against the kernel's float16 arithmetic (measured 2e-5)
+    assert abs(_logppl(cli, awq_base, "--ppl", held_out, "--stream") - transformers_nll(awq_base, held_out)) < 2e-4
+    ids = _ids(wide_base, held_out)
+    as_is = _compensation_helps(cli, tmp_path, awq_base, awq_base, wide_base, wide_lora, calib_text, ids)
+    _merge_needs_dense(cli, tmp_path, awq_base, wide_lora, as_is, ids, awq_base)
+    r = cli("info", awq_base, "--json")
+    assert r.exit_code == 0 and json.loads(r.stdout)["quantization"]["format"].startswith("AWQ 4-bit (GEMM), group size 64")
+
+
+@pytest.fixture(scope="module")
+def ct_bases(tmp_path_factory, wide_base) -> dict[str, Path]:
+    from quantized_fixtures import SCHEMES, compressed_tensors
+
+    root = tmp_path_factory.mktemp("compressed-tensors")
+    return {name: compressed_tensors(wide_base, root / name, name) for name in SCHEMES}
+
+
+@pytest.mark.parametrize("scheme", ["w4a16-asym", "w8a16", "fp8", "w8a8"])
+def test_compressed_tensors_base_through_every_stage(cli, tmp_path, ct_bases, scheme, wide_base, wide_lora, calib_text,
+                                                      held_out):
+    """compressed-tensors checkpoints (W4A16 pack-quantized with zero points, W8A16 int-quantized,
+    FP8 float-quantized, W8A8 with dynamic int8 activations): calora's eval equals transformers'
+    loading of the checkpoint; where transformers cannot load it (5.25 with compressed-tensors 0.20
+    refuses packed zero points), it equals a plain model holding compressed-tensors' own
+    fake-quantized weights. inherit --compensate helps; merge needs --dense."""
+    base = ct_bases[scheme]
+    loadable = base.parent / f"{base.name}-reference" if scheme == "w4a16-asym" else base
+    assert abs(_logppl(cli, base, "--adapter", wide_lora, "--ppl", held_out)
+               - transformers_nll(loadable, held_out, wide_lora)) < 1e-4
+    if scheme != "w8a8":  # streamed layers compute with the weights only: W8A8's activation rounding is not in them
+        assert abs(_logppl(cli, base, "--ppl", held_out, "--stream") - transformers_nll(loadable, held_out)) < 1e-4
+    ids = _ids(wide_base, held_out)
+    as_is = _compensation_helps(cli, tmp_path, base, loadable, wide_base, wide_lora, calib_text, ids)
+    _merge_needs_dense(cli, tmp_path, base, wide_lora, as_is, ids, loadable)
+
+
+def test_compressed_tensors_act_order_groups_are_refused(cli, tmp_path, ct_bases, wide_lora, held_out):
+    """weight_g_idx (act-order groups) went out of compressed-tensors in 0.20, which no longer
+    reads it: such a checkpoint is refused in one line rather than read with its groups ignored."""
+    from safetensors.torch import load_file, save_file
+
+    base = tmp_path / "g-idx"
+    shutil.copytree(ct_bases["w4a16-asym"], base)
+    state = load_file(base / "model.safetensors")
+    state["model.layers.0.mlp.up_proj.weight_g_idx"] = torch.arange(256, dtype=torch.int32) // 32
+    save_file(state, base / "model.safetensors", metadata={"format": "pt"})
+    assert "weight_g_idx" in one_line_error(cli("eval", base, "--ppl", held_out, "--stream"))

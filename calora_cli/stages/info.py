@@ -8,6 +8,7 @@ from pathlib import Path
 
 from calora_cli.artifacts import open_artifact, read_safetensors_header, verify
 from calora_cli.compress.masks import zeros
+from calora_cli.errors import CaloraError
 
 
 def _tensor_counts(weights: list[Path]) -> tuple[int, dict[str, int]]:
@@ -77,6 +78,15 @@ def describe(path: Path, check: bool = False) -> dict:
             if q
             else None
         )
+        if q and not art.gguf:
+            from calora_cli.formats import read_layout
+
+            try:
+                layout = read_layout(cfg, art.path)
+            except CaloraError:  # a format calora does not read: info still describes the rest
+                layout = None
+            if layout is not None:
+                info["quantization"]["format"] = layout.describe()
         if art.gguf:
             info["quantization"] = {"quant_method": "gguf", "tensor_types": by_dtype}
         elif q is None:
@@ -141,8 +151,8 @@ def summary_rows(info: dict) -> list[tuple[str, str]]:
         rows.append(("architecture", info.get("architecture", "?")))
         q = info.get("quantization")
         if q:
-            if q.get("quant_method") == "gptq":
-                rows.append(("quantization", f"GPTQ {q.get('bits')}-bit, group size {q.get('group_size')}"))
+            if q.get("format"):
+                rows.append(("quantization", q["format"]))
             else:
                 rows.append(("quantization", ", ".join(f"{k}={v}" for k, v in q.items())))
         else:

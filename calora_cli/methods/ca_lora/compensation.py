@@ -60,3 +60,22 @@ def compensate(delta: "torch.Tensor", covariance: "torch.Tensor", rank: int, spa
     before = weighted_error(d, covariance)
     after = weighted_error(d - B @ A, covariance)
     return Compensation(A.float(), B.float(), 1 - after / before if before > 0 else 0.0)
+
+
+def channel_scales(W: "torch.Tensor", W_hat: "torch.Tensor", rounds: int = 4) -> tuple["torch.Tensor", "torch.Tensor"]:
+    """Per-row and per-column factors (r, c) with W_hat ~ diag(r) W diag(c), by alternating least
+    squares. AWQ does not only round: it multiplies each linear's input columns by a scale s and
+    divides the op that feeds it (a norm's weight, or the rows of v_proj / up_proj) by s, so the
+    compressed model computes in rescaled coordinates. The teacher's weight (and the LoRA's
+    factors) must be carried into those coordinates before their difference means anything; only
+    for such bases (a pruned column would read as a scale)."""
+    import torch
+
+    W, W_hat = W.double(), W_hat.double()
+    r = torch.ones(W.shape[0], dtype=torch.float64)
+    for _ in range(rounds):
+        Wr = W * r[:, None]
+        c = (Wr * W_hat).sum(0) / (Wr * Wr).sum(0).clamp_min(1e-30)
+        Wc = W * c[None, :]
+        r = (Wc * W_hat).sum(1) / (Wc * Wc).sum(1).clamp_min(1e-30)
+    return r.float(), c.float()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from calora_cli import adapters
@@ -48,13 +49,14 @@ def base_module_shapes(base) -> tuple[dict[str, tuple[int, int] | None], bool]:
                 shapes[module] = tuple(info["shape"])
         source.close()
         return shapes, True
-    for shard in base.weights:
-        for name, info in read_safetensors_header(shard).items():
-            if name == "__metadata__":
-                continue
-            module, _, leaf = name.rpartition(".")
-            if leaf in ("weight", "qweight"):
-                shapes[module] = expected_shape(config, module) if quantized else tuple(info["shape"])
+    from calora_cli.formats import read_layout
+
+    layout = read_layout(config, base.path)  # packed: GPTQ, AWQ, compressed-tensors
+    header = {n: info for shard in base.weights for n, info in read_safetensors_header(shard).items() if n != "__metadata__"}
+    for name, info in header.items():
+        module, _, leaf = name.rpartition(".")
+        if leaf == "weight" or (layout is not None and module not in shapes and layout.parts(module, header)):
+            shapes[module] = expected_shape(config, module) if quantized else tuple(info["shape"])
     return shapes, quantized
 
 
@@ -189,9 +191,11 @@ def base_tensor_shapes(base) -> dict[str, tuple[int, ...]]:
             for name, info in read_safetensors_header(shard).items():
                 if name != "__metadata__":
                     shapes[name] = tuple(info["shape"])
-    for name in list(shapes):
-        if name.endswith(".qweight"):
-            module = name.removesuffix(".qweight")
+    from calora_cli.formats import read_layout
+
+    layout = None if base.gguf else read_layout(config, base.path)
+    for module in sorted({n.rpartition(".")[0] for n in shapes}) if layout else ():
+        if layout.parts(module, shapes):  # GPTQ, AWQ, compressed-tensors: stored packed
             dense = expected_shape(config, module)
             if dense is not None:
                 shapes[f"{module}.weight"] = tuple(dense)
@@ -205,6 +209,7 @@ def _compensate(tmp: Path, base_art, teacher_art, factors: dict, config: dict, s
     layer from its calibration inputs in that model, and the combined LoRA."""
     from calora_cli.arch import adapted_linears, decoder_layers
     from calora_cli.data import calibration_batch, read_text
+    from calora_cli.formats import read_layout
     from calora_cli.methods.ca_lora.transfer import combined_lora, compensate_model
     from calora_cli.models import load_adapter, load_model, load_tokenizer
     from calora_cli.progress import progress
@@ -216,8 +221,15 @@ def _compensate(tmp: Path, base_art, teacher_art, factors: dict, config: dict, s
     if factors:
         model = load_adapter(model, tmp)
     targets = sorted(adapted_linears(model)) if spec.all_linears or not factors else sorted(factors)
+    layout = read_layout(json.loads((base_art.path / "config.json").read_text()), base_art.path)
+    rescaled = bool(layout and layout.moves_scales)
     with progress("compensate", len(decoder_layers(model.get_base_model() if factors else model)), opts.show_progress) as advance:
-        comps, removed = compensate_model(model, targets, teacher_art.weights, calib, spec, on_block=advance)
+        comps, removed, scales = compensate_model(model, targets, teacher_art.weights, calib, spec, on_block=advance,
+                                                  rescaled=rescaled)
+    for m, (r, c) in scales.items():  # the LoRA carried into the base's coordinates, as compensate_model carried it
+        if m in factors:
+            f = factors[m]
+            factors[m] = replace(f, A=f.A.float() * c[None, :], B=f.B.float() * r[:, None])
     config, state = combined_lora(config, factors, comps)
     return config, state, removed
 

@@ -71,24 +71,48 @@ def layer_weight(layer, chunk: int = 1024) -> "torch.Tensor":  # noqa: F821
 
 
 def compensate_model(model, targets: list[str], teacher_weights: list[Path], calib, spec: CompensateSpec,
-                     on_block=None) -> tuple[dict, dict]:
-    """Compensation factors and the share of error removed, per module, block by block.
+                     on_block=None, rescaled: bool = False) -> tuple[dict, dict, dict]:
+    """Compensation factors, the share of error removed, and (with `rescaled`) each module's
+    channel scales (r, c), per module, block by block.
 
     `model`: the compressed model with the inherited LoRA attached (peft); `targets`: the modules
-    to compensate."""
+    to compensate. `rescaled`: the base moved per-channel scales between layers (AWQ): each
+    module's teacher weight is carried into the base's coordinates, diag(r) W diag(c), and so is
+    its LoRA (A diag(c), diag(r) B, in the attached model before the block runs, so the layers
+    after it see the inputs the carried LoRA gives)."""
     from calora_cli.arch import adapted_linears, decoder_layers
     from calora_cli.compress.sequential import InputStats, block_outputs, capture_inputs
+    from calora_cli.methods.ca_lora.compensation import channel_scales
     from calora_cli.tensor_io import ShardReader
 
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     linears = adapted_linears(model)
     readers = [ShardReader(w) for w in teacher_weights]
     where = {n: r for r in readers for n in r.names()}
-    comps: dict = {}
+    comps, scales = {}, {}
     try:
         inputs = capture_inputs(inner, calib)
         for i, block in enumerate(decoder_layers(inner)):
             mine = [m for m in targets if m.startswith(f"model.layers.{i}.")]
+            weights = {}
+            for m in mine:
+                layer = linears[m]
+                name = f"{m}.weight"
+                if name not in where:
+                    raise CaloraError(f"the teacher has no weight {name}")
+                W = where[name].get_tensor(name).float()
+                W_hat = layer_weight(getattr(layer, "base_layer", layer))
+                if W.shape != W_hat.shape:
+                    raise CaloraError(f"shape mismatch at {m}: teacher {tuple(W.shape)}, compressed model {tuple(W_hat.shape)}")
+                if spec.rank > min(W.shape):
+                    raise CaloraError(f"--compensate {spec.rank} exceeds the rank of {m} ({min(W.shape)})")
+                if rescaled:
+                    r, c = scales[m] = channel_scales(W, W_hat)
+                    W = W.mul_(r[:, None]).mul_(c[None, :])
+                    for key in getattr(layer, "lora_A", {}):
+                        layer.lora_A[key].weight.data.mul_(c[None, :].to(layer.lora_A[key].weight))
+                        layer.lora_B[key].weight.data.mul_(r[:, None].to(layer.lora_B[key].weight))
+                weights[m] = (W, W_hat)
             stats = {m: InputStats("hessian") for m in mine}
             handles = [linears[m].register_forward_hook(lambda mod, args, out, s=stats[m]: s.add(args[0])) for m in mine]
             try:
@@ -97,24 +121,14 @@ def compensate_model(model, targets: list[str], teacher_weights: list[Path], cal
                 for h in handles:
                     h.remove()
             for m in mine:
-                layer = linears[m]
-                base_layer = getattr(layer, "base_layer", layer)
-                name = f"{m}.weight"
-                if name not in where:
-                    raise CaloraError(f"the teacher has no weight {name}")
-                W = where[name].get_tensor(name).float()
-                W_hat = layer_weight(base_layer)
-                if W.shape != W_hat.shape:
-                    raise CaloraError(f"shape mismatch at {m}: teacher {tuple(W.shape)}, compressed model {tuple(W_hat.shape)}")
-                if spec.rank > min(W.shape):
-                    raise CaloraError(f"--compensate {spec.rank} exceeds the rank of {m} ({min(W.shape)})")
+                W, W_hat = weights.pop(m)
                 comps[m] = compensate(W - W_hat, stats[m].xtx, spec.rank, spec.space)
             if on_block is not None:
                 on_block(1)
     finally:
         for r in readers:
             r.file.close()
-    return comps, {m: c.removed for m, c in comps.items()}
+    return comps, {m: c.removed for m, c in comps.items()}, scales
 
 
 def combined_lora(config: dict, factors: dict, comps: dict) -> tuple[dict, dict]:
