@@ -43,6 +43,8 @@ def check_fits(adapter: Artifact, model: Artifact, opts: RunOptions) -> None:
     as close to the model's weights as a compression of it does (check_descends); where it is not,
     the model is assumed to be made from it, with a warning. Shapes are checked where it is loaded."""
     if model.manifest is None and adapter.base_fingerprint is not None and not opts.allow_base_mismatch:
+        if adapter.base_fingerprint == model.fingerprint:  # made on this very model (inherit onto a downloaded base)
+            return
         recorded = (adapter.manifest or {}).get("inputs", {}).get("base", {}).get("path")
         origin = None
         if recorded and Path(recorded).is_dir():

@@ -34,13 +34,13 @@ def tokenizer_dir(tmp_path_factory):
     return out
 
 
-def _base(family, tokenizer_dir, out):
+def _base(family, tokenizer_dir, out, **shape):
     from tiny_models import build_tiny
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     model = build_tiny(family, len(tok), pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
-                       eos_token_id=tok.eos_token_id)
+                       eos_token_id=tok.eos_token_id, **shape)
     model.save_pretrained(out, max_shard_size="100KB")  # a few shards: the streamed reader and merge's shard workers
     tok.save_pretrained(out)
     return out
@@ -162,6 +162,43 @@ def test_family_through_every_stage(cli, tokenizer_dir, tmp_path, family):
     for artifact in (wanda, gptq, recovered, masked):
         info = _run(cli, "info", artifact)
         assert info["kind"] in ("model", "adapter")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", FAMILIES)
+def test_family_on_awq_and_compressed_tensors_bases(cli, tokenizer_dir, tmp_path, family):
+    """The bases users download, on every family: compressed-tensors W4A16 (asymmetric, packed zero
+    points) and GPTQModel's AWQ. calora's eval with a LoRA equals transformers + peft on the same
+    base (for W4A16, which transformers 5.25 cannot load, on a plain model holding
+    compressed-tensors' fake-quantized weights); inherit --compensate and merge --dense run and
+    evaluate. AWQ needs output widths that are multiples of 64 (GPTQModel's clipping search): a
+    wider model than the one above. GPTQModel 7.6 does not AWQ-quantize Phi3 (no scaling plan for
+    its fused qkv_proj / gate_up_proj), so Phi3 has the compressed-tensors base only."""
+    from helpers import transformers_nll
+    from quantized_fixtures import awq, compressed_tensors
+
+    base = _base(family, tokenizer_dir, tmp_path / "base", hidden=128, intermediate=256)
+    short = tmp_path / "short.txt"
+    short.write_text(TEXT.read_text()[:2000])
+    lora = tmp_path / "lora"
+    _run(cli, "train", base, "-o", lora, *TRAIN, "--rank", "4", "--lr", "1e-2")
+    ct = compressed_tensors(base, tmp_path / "w4a16", "w4a16-asym")
+    bases = {"w4a16": (ct, tmp_path / "w4a16-reference")}
+    if family != "phi3":
+        made = awq(base, tmp_path / "awq", TEXT, group_size=32)
+        bases["awq"] = (made, made)
+    for name, (quantized, loadable) in bases.items():
+        e = _run(cli, "eval", quantized, "--adapter", lora, "--ppl", short, "--seq-len", "32")
+        assert abs(math.log(e["perplexity"]) - transformers_nll(loadable, short, lora, window=32)) < 1e-4, name
+        comp = tmp_path / f"{name}-comp"
+        s = _run(cli, "inherit", lora, "--base", quantized, "-o", comp, "--compensate", "2", "--teacher", base, *CALIB)
+        assert 0 < s["mean_compensation_removed"] <= 1 and s["skipped"] == 0, name
+        dense = tmp_path / f"{name}-dense"
+        _run(cli, "merge", quantized, "--adapter", comp, "-o", dense, "--dense")
+        for model, adapter in ((quantized, comp), (dense, None)):
+            e = _run(cli, "eval", model, *(["--adapter", adapter] if adapter else []), "--ppl", short, "--seq-len", "32")
+            assert math.isfinite(e["perplexity"]), name
+        assert _run(cli, "info", quantized)["quantization"]["format"].startswith(("compressed-tensors", "AWQ"))
 
 
 def test_an_unsupported_family_is_refused_in_one_line(cli, tiny_base, tmp_path):

@@ -166,7 +166,7 @@ def test_streamed_eval_refuses_a_bitsandbytes_base(cli, tiny_base, tmp_path):
     r = cli("compress", tiny_base, "-o", tmp_path / "nf4", "--method", "nf4", "-q")
     assert r.exit_code == 0, r.stderr
     line = one_line_error(cli("eval", tmp_path / "nf4", "--ppl", TEXT, "--stream"))
-    assert "is quantized (bitsandbytes)" in line and "GPTQ checkpoints are read layer by layer" in line
+    assert "is quantized (bitsandbytes)" in line and "GPTQ, AWQ and compressed-tensors checkpoints tensor by tensor" in line
 
 
 def test_gptq_of_a_bf16_sharded_checkpoint(cli, tiny_base, tmp_path):
