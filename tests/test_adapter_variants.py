@@ -100,10 +100,11 @@ def test_inherit_carries_every_variant_unchanged(cli, tmp_path, bases, made, var
     assert abs(math.log(ours["perplexity"]) - transformers_nll(bases[base], text, made[variant])) < 1e-5
 
 
-@pytest.mark.parametrize("variant, stage", [
-    ("dora", "compensate"), ("modules_to_save", "compensate"), ("embedding", "stream"), ("trainable_tokens", "sparsify"),
-    ("lora_bias", "nola"), ("dora", "export"), ("modules_to_save", "export"),
-])
+EXTRA_VARIANTS = ("dora", "modules_to_save", "embedding", "trainable_tokens", "lora_bias")
+
+
+@pytest.mark.parametrize("stage", ["compensate", "stream", "sparsify", "nola", "export"])
+@pytest.mark.parametrize("variant", EXTRA_VARIANTS)
 def test_stages_on_the_delta_refuse_what_they_cannot_take(cli, tmp_path, bases, made, trained_base, calib_text,
                                                           variant, stage):
     out = tmp_path / "out"
@@ -200,3 +201,107 @@ def test_variants_no_stage_computes_are_refused(cli, tmp_path, bases, made, edit
     out = tmp_path / "out"
     args = ["inherit", adapter, "--base", bases["pruned"]] if stage == "inherit" else ["merge", bases["pruned"], "--adapter", adapter]
     assert says in _refusal(cli(*args, "-o", out)) and not out.exists()
+
+
+@pytest.mark.parametrize("variant", ["modules_to_save", "embedding", "trainable_tokens"])
+def test_keep_sparsity_merges_extras_as_the_plain_merge_does(cli, tmp_path, bases, made, variant):
+    """merge --keep-sparsity with extras: every zero of the pruned base's adapted linears stays
+    zero, and what the extras change (a head copy, the embedding's LoRA, token rows) is written as
+    the plain merge writes it (those tensors are not pruned: nothing to keep)."""
+    from safetensors.torch import load_file
+
+    kept, plain = tmp_path / "kept", tmp_path / "plain"
+    for out, flags in ((kept, ["--keep-sparsity"]), (plain, [])):
+        r = cli("merge", bases["pruned"], "--adapter", made[variant], "-o", out, *flags, "--json", "--quiet")
+        assert r.exit_code == 0, r.stderr
+    base = load_file(next(bases["pruned"].glob("*.safetensors")))
+    ours, theirs = (load_file(next(p.glob("*.safetensors"))) for p in (kept, plain))
+    linears = [n for n in base if ".layers." in n and n.endswith("proj.weight")]
+    assert all(torch.equal(ours[n][base[n] == 0], torch.zeros(int((base[n] == 0).sum()))) for n in linears)
+    assert any(not torch.equal(ours[n], base[n]) for n in linears)
+    others = [n for n in theirs if n not in linears]
+    changed = [n for n in others if n not in base or not torch.equal(theirs[n], base[n])]
+    assert changed and all(torch.equal(ours[n], theirs[n]) for n in others)
+
+
+@pytest.mark.parametrize("variant", ["dora", "modules_to_save", "trainable_tokens"])
+def test_recover_trains_the_variant_as_peft_does(cli, tmp_path, bases, made, trained_base, small_text, variant):
+    """recover attaches the adapter through peft (trainable) on the compressed base: the result holds
+    the variant's tensors, moved by training, and evaluates."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "recovered"
+    r = cli("recover", made[variant], "--base", bases["pruned"], "--teacher", trained_base, "--teacher-adapter",
+            made[variant], "--data", small_text, "-o", out, "--steps", "1", "--batch-size", "2", "--seq-len", "32",
+            "--recovery-dim", "0", "--json", "--quiet")
+    assert r.exit_code == 0, r.stderr[-1500:]
+    theirs = load_file(made[variant] / "adapter_model.safetensors")
+    ours = load_file(out / "adapter_model.safetensors")
+    assert set(ours) == set(theirs)
+    extra = {"dora": "lora_magnitude_vector", "modules_to_save": "lm_head", "trainable_tokens": "token_adapter"}[variant]
+    assert any(extra in k and not torch.equal(ours[k], theirs[k]) for k in theirs), sorted(theirs)
+    e = cli("eval", bases["pruned"], "--adapter", out, "--ppl", small_text, "--seq-len", "32", "--json", "--quiet")
+    assert e.exit_code == 0 and math.isfinite(json.loads(e.stdout)["perplexity"])
+
+
+def test_info_describes_every_variant(cli, made):
+    for variant, adapter in made.items():
+        r = cli("info", adapter, "--json")
+        assert r.exit_code == 0, (variant, r.stderr)
+        assert json.loads(r.stdout)["adapter"]["peft_type"] == "LORA", variant
+
+
+def test_lora_bias_merges_into_qwen2_biases_as_peft(cli, tmp_path):
+    """lora_bias on a base with biases (Qwen2's q/k/v): merge adds lora_B's bias to the base's, as
+    peft's merge does; the merged model computes peft's forward of the adapter."""
+    from helpers import SHK
+    from tiny_models import build_tiny, train_bpe_tokenizer
+    from transformers import AutoModelForCausalLM
+
+    tok = train_bpe_tokenizer([(SHK / "plays" / "tragedies--hamlet.txt").read_text()[:50000]], 300)
+    base = tmp_path / "qwen2"
+    build_tiny("qwen2", len(tok), pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+               eos_token_id=tok.eos_token_id).save_pretrained(base)
+    tok.save_pretrained(base)
+    adapter = _make(base, tmp_path / "adapter", target_modules=["q_proj", "k_proj", "v_proj"], lora_bias=True)
+    out = tmp_path / "merged"
+    r = cli("merge", base, "--adapter", adapter, "-o", out, "--json", "--quiet")
+    assert r.exit_code == 0, r.stderr
+    ids = torch.arange(1, 60) * 7 % 290
+    merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    with torch.no_grad():
+        ours = merged(input_ids=ids[None]).logits[0]
+    torch.testing.assert_close(ours, _peft_logits(base, adapter, ids), rtol=2e-5, atol=2e-5)
+
+
+def test_dora_merges_into_a_gptq_base(cli, tmp_path, bases, made):
+    """DoRA into GPTQ: with --dense, the merged weights equal peft's own merge of the adapter into the
+    GPTQ base's dequantized weights (DoRA's norm taken on those, as peft takes it on a quantized
+    base); without, the same merge re-quantized into GPTQ, which loads in transformers."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from calora_cli.compress.gptq_format import PARTS, dequantize, is_v1
+
+    dense = tmp_path / "dense"
+    r = cli("merge", bases["gptq"], "--adapter", made["dora"], "-o", dense, "--dense", "--json", "--quiet")
+    assert r.exit_code == 0, r.stderr
+    # the reference: the GPTQ base dequantized into a plain model, DoRA merged there by peft
+    packed = load_file(next(bases["gptq"].glob("*.safetensors")))
+    v1 = is_v1(json.loads((bases["gptq"] / "config.json").read_text())["quantization_config"])
+    plain = AutoModelForCausalLM.from_pretrained(dense, dtype=torch.float32)
+    state = plain.state_dict()
+    for name in [n for n in packed if n.endswith(".qweight")]:
+        m = name.removesuffix(".qweight")
+        state[f"{m}.weight"] = dequantize({p: packed[f"{m}.{p}"] for p in PARTS}, 4, v1)
+    plain.load_state_dict(state)
+    reference = PeftModel.from_pretrained(plain, made["dora"]).merge_and_unload().state_dict()
+    ours = load_file(next(dense.glob("*.safetensors")))
+    for name in [n for n in ours if ".layers." in n and n.endswith(("q_proj.weight", "v_proj.weight"))]:
+        torch.testing.assert_close(ours[name], reference[name], rtol=1e-5, atol=1e-6)
+    requantized = tmp_path / "gptq"
+    r = cli("merge", bases["gptq"], "--adapter", made["dora"], "-o", requantized, "--json", "--quiet")
+    assert r.exit_code == 0, r.stderr
+    assert json.loads((requantized / "config.json").read_text())["quantization_config"]["bits"] == 4
+    AutoModelForCausalLM.from_pretrained(requantized, dtype=torch.float32)
