@@ -94,25 +94,16 @@ def compensate_model(model, targets: list[str], teacher_weights: list[Path], cal
         inputs = capture_inputs(inner, calib)
         for i, block in enumerate(decoder_layers(inner)):
             mine = [m for m in targets if m.startswith(f"model.layers.{i}.")]
-            weights = {}
-            for m in mine:
+            # AWQ's scales are fitted, and the LoRA carried over, before the block runs; otherwise the
+            # layer is probed after its first forward, as kernels that set up state on it expect
+            weights = {m: _weights(m, linears[m], where, spec) for m in mine} if rescaled else {}
+            for m, (W, W_hat) in weights.items():
+                r, c = scales[m] = channel_scales(W, W_hat)
+                W.mul_(r[:, None]).mul_(c[None, :])
                 layer = linears[m]
-                name = f"{m}.weight"
-                if name not in where:
-                    raise CaloraError(f"the teacher has no weight {name}")
-                W = where[name].get_tensor(name).float()
-                W_hat = layer_weight(getattr(layer, "base_layer", layer))
-                if W.shape != W_hat.shape:
-                    raise CaloraError(f"shape mismatch at {m}: teacher {tuple(W.shape)}, compressed model {tuple(W_hat.shape)}")
-                if spec.rank > min(W.shape):
-                    raise CaloraError(f"--compensate {spec.rank} exceeds the rank of {m} ({min(W.shape)})")
-                if rescaled:
-                    r, c = scales[m] = channel_scales(W, W_hat)
-                    W = W.mul_(r[:, None]).mul_(c[None, :])
-                    for key in getattr(layer, "lora_A", {}):
-                        layer.lora_A[key].weight.data.mul_(c[None, :].to(layer.lora_A[key].weight))
-                        layer.lora_B[key].weight.data.mul_(r[:, None].to(layer.lora_B[key].weight))
-                weights[m] = (W, W_hat)
+                for key in getattr(layer, "lora_A", {}):
+                    layer.lora_A[key].weight.data.mul_(c[None, :].to(layer.lora_A[key].weight))
+                    layer.lora_B[key].weight.data.mul_(r[:, None].to(layer.lora_B[key].weight))
             stats = {m: InputStats("hessian") for m in mine}
             handles = [linears[m].register_forward_hook(lambda mod, args, out, s=stats[m]: s.add(args[0])) for m in mine]
             try:
@@ -121,7 +112,7 @@ def compensate_model(model, targets: list[str], teacher_weights: list[Path], cal
                 for h in handles:
                     h.remove()
             for m in mine:
-                W, W_hat = weights.pop(m)
+                W, W_hat = weights.pop(m) if rescaled else _weights(m, linears[m], where, spec)
                 comps[m] = compensate(W - W_hat, stats[m].xtx, spec.rank, spec.space)
             if on_block is not None:
                 on_block(1)
@@ -129,6 +120,20 @@ def compensate_model(model, targets: list[str], teacher_weights: list[Path], cal
         for r in readers:
             r.file.close()
     return comps, {m: c.removed for m, c in comps.items()}, scales
+
+
+def _weights(m: str, layer, where: dict, spec: CompensateSpec):
+    """The teacher's weight of module `m` and what the compressed layer computes with, checked."""
+    name = f"{m}.weight"
+    if name not in where:
+        raise CaloraError(f"the teacher has no weight {name}")
+    W = where[name].get_tensor(name).float()
+    W_hat = layer_weight(getattr(layer, "base_layer", layer))
+    if W.shape != W_hat.shape:
+        raise CaloraError(f"shape mismatch at {m}: teacher {tuple(W.shape)}, compressed model {tuple(W_hat.shape)}")
+    if spec.rank > min(W.shape):
+        raise CaloraError(f"--compensate {spec.rank} exceeds the rank of {m} ({min(W.shape)})")
+    return W, W_hat
 
 
 def combined_lora(config: dict, factors: dict, comps: dict) -> tuple[dict, dict]:
