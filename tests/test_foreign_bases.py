@@ -163,6 +163,20 @@ def test_foreign_gptq_base_through_every_stage(cli, tmp_path, foreign, name, wid
     assert _kl(as_is, _log_probs(merged, None, ids)) < 0.5 * _kl(as_is, _log_probs(loadable, None, ids))
 
 
+@pytest.mark.parametrize("bits", [2, 8])
+def test_gptqmodel_2_and_8_bit_bases(cli, tmp_path, bits, wide_base, wide_lora, calib_text, held_out):
+    """GPTQModel's 2- and 8-bit checkpoints: calora's eval (with a LoRA) equals transformers', and
+    merge re-quantizes into the same bits, loadable by transformers."""
+    base = _gptqmodel(wide_base, tmp_path / f"gptq{bits}", calib_text, bits=bits, group_size=64, desc_act=False, sym=True)
+    assert abs(_logppl(cli, base, "--adapter", wide_lora, "--ppl", held_out)
+               - transformers_nll(base, held_out, wide_lora)) < 1e-4
+    merged = tmp_path / "merged"
+    r = cli("merge", base, "--adapter", wide_lora, "-o", merged, "--json", "--quiet")
+    assert r.exit_code == 0, r.stderr[-1500:]
+    assert json.loads((merged / "config.json").read_text())["quantization_config"]["bits"] == bits
+    assert math.isfinite(transformers_nll(merged, held_out))
+
+
 def test_gptq_of_another_model_is_refused(cli, tmp_path, foreign, trained_base, trained_lora, calib_text):
     """The wide model's GPTQ is no compression of the narrow teacher: refused in one line."""
     out = tmp_path / "out"
