@@ -434,7 +434,8 @@ def inherit(
     base: Annotated[Optional[Path], typer.Option("--base", help="The compressed model (GPTQ, NF4/int8, pruned or GGUF).")] = None,
     compensate: Annotated[Optional[int], typer.Option("--compensate", help="Add a rank-R compensation of the "
                           "compression error (EoRA-style, no training), in the same peft LoRA.")] = None,
-    teacher: Annotated[Optional[Path], typer.Option("--teacher", help="--compensate: the uncompressed model.")] = None,
+    teacher: Annotated[Optional[Path], typer.Option("--teacher", help="The uncompressed model: for --compensate; "
+                       "alone, on an AWQ base, carries the LoRA into AWQ's rescaled channels.")] = None,
     calib: Annotated[Optional[Path], typer.Option("--calib", help="--compensate: calibration text.")] = None,
     calib_samples: Annotated[int, typer.Option("--calib-samples", help="--compensate: calibration windows.")] = 32,
     seq_len: Annotated[int, typer.Option("--seq-len", help="--compensate: tokens per calibration window.")] = 256,
@@ -461,9 +462,10 @@ def inherit(
     spec = None
     if compensate is not None:
         spec = CompensateSpec(compensate, teacher, calib, calib_samples, seq_len, compensate_space, compensate_all)
-    elif teacher is not None or calib is not None or compensate_all:
-        raise CaloraError("--teacher, --calib and --compensate-all go with --compensate RANK")
-    _emit(run(adapter, base, output, _opts(device, dtype, seed, force, quiet, allow_base_mismatch), spec), json_)
+    elif calib is not None or compensate_all:
+        raise CaloraError("--calib and --compensate-all go with --compensate RANK")
+    _emit(run(adapter, base, output, _opts(device, dtype, seed, force, quiet, allow_base_mismatch), spec,
+              teacher=teacher if spec is None else None), json_)
 
 
 @app.command()

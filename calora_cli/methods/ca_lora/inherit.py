@@ -60,11 +60,17 @@ def base_module_shapes(base) -> tuple[dict[str, tuple[int, int] | None], bool]:
     return shapes, quantized
 
 
-def inherit(adapter: Path | None, base: Path, out: Path, opts: RunOptions, compensation: CompensateSpec | None = None) -> dict:
+def inherit(adapter: Path | None, base: Path, out: Path, opts: RunOptions, compensation: CompensateSpec | None = None,
+            teacher: Path | None = None) -> dict:
     """Carry the LoRA over; with `compensation`, add a low-rank compensation of the compression
     error to it (transfer.py), still one plain peft LoRA. Without an adapter (`compensation`
     required): the compensation of the base alone, calibrated without any task LoRA, as an adapter
-    of its own that a runtime applies beside each task's (llama.cpp applies several at once)."""
+    of its own that a runtime applies beside each task's (llama.cpp applies several at once).
+
+    A base that moved per-channel scales between layers (AWQ) computes in rescaled coordinates: with
+    `teacher` (or the compensation's), the LoRA is carried into them (A diag(c), diag(r) B, fitted
+    against the teacher's weights); without, it is carried unchanged, as peft would apply it, with a
+    warning."""
     from safetensors.torch import save_file
 
     check_output(out, opts.force)
@@ -73,8 +79,11 @@ def inherit(adapter: Path | None, base: Path, out: Path, opts: RunOptions, compe
             raise CaloraError("give the LoRA to carry over, or --compensate RANK for the base's own compensation")
         return _base_compensation(base, out, opts, compensation)
     ad_art = open_artifact(adapter, expect="adapter", role="adapter")
-    base_art = open_model(base, "base", compensation.teacher if compensation is not None else None)
+    base_art = open_model(base, "base", compensation.teacher if compensation is not None else teacher)
     teacher_art = None
+    if teacher is not None:
+        teacher_art = open_artifact(teacher, expect="model", role="teacher")
+        check_descends(base_art, teacher_art, "compressed from the teacher", opts)
     if compensation is not None:
         compensation.check()
         if adapters.describe(ad_art) != "lora":
@@ -116,6 +125,16 @@ def inherit(adapter: Path | None, base: Path, out: Path, opts: RunOptions, compe
     metrics: dict = {"carried": len(carried), "skipped": skipped}
     params: dict = {"quantized_base": quantized}
     inputs = {"adapter": ad_art.input_record(), "base": base_art.input_record()}
+    if compensation is None and _moves_scales(base_art):
+        if teacher_art is None:
+            log.warning(f"{base_art.source or base_art.path} is AWQ, which computes in rescaled channels: the LoRA is "
+                        "carried unchanged, as peft applies it; pass --teacher ORIGINAL to carry it into AWQ's channels")
+        else:
+            keep.update(_carried_into_scales(base_art, teacher_art, factors, carried, keep))
+            params["coordinates"] = "carried into the base's channel scales (fitted against the teacher)"
+            inputs["teacher"] = teacher_art.input_record()
+    elif teacher_art is not None:
+        log.warning("--teacher without --compensate changes nothing on a base that keeps the teacher's channels")
     with atomic_output(out, opts.force) as tmp:
         save_file(keep, tmp / "adapter_model.safetensors", metadata={"format": "pt"})
         (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
@@ -136,6 +155,31 @@ def inherit(adapter: Path | None, base: Path, out: Path, opts: RunOptions, compe
     if compensation is not None:
         summary.update({k: metrics[k] for k in ("mean_compensation_removed", "compensation_seconds")})
     return summary
+
+
+def _moves_scales(base_art) -> bool:
+    from calora_cli.formats import read_layout
+
+    layout = None if base_art.gguf else read_layout(json.loads((base_art.path / "config.json").read_text()), base_art.path)
+    return bool(layout and layout.moves_scales)
+
+
+def _carried_into_scales(base_art, teacher_art, factors: dict, carried: list[str], keep: dict) -> dict:
+    """The carried LoRA's tensors in the base's channel scales: per module (r, c) with
+    W_base ~ diag(r) W_teacher diag(c) (compensation.channel_scales), then A diag(c), diag(r) B,
+    and a lora_bias scaled as the rows it adds to."""
+    from calora_cli.methods.ca_lora.transfer import channel_scales_of
+
+    new = {}
+    for m, (r, c) in channel_scales_of(base_art, teacher_art, carried).items():
+        stem = f"{PEFT_PREFIX}{m}"
+        A, B = keep[f"{stem}.lora_A.weight"], keep[f"{stem}.lora_B.weight"]
+        new[f"{stem}.lora_A.weight"] = (A.float() * c[None, :]).to(A.dtype)
+        new[f"{stem}.lora_B.weight"] = (B.float() * r[:, None]).to(B.dtype)
+        if f"{stem}.lora_B.bias" in keep:
+            bias = keep[f"{stem}.lora_B.bias"]
+            new[f"{stem}.lora_B.bias"] = (bias.float() * r).to(bias.dtype)
+    return new
 
 
 def _passengers(state: dict, config: dict, base_art, factors: dict, carried: list[str]) -> dict:

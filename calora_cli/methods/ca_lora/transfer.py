@@ -122,6 +122,36 @@ def compensate_model(model, targets: list[str], teacher_weights: list[Path], cal
     return comps, {m: c.removed for m, c in comps.items()}, scales
 
 
+def channel_scales_of(base_art, teacher_art, modules: list[str]) -> dict:
+    """{module: (r, c)} with the base's dequantized weight ~ diag(r) W_teacher diag(c), one
+    module's two weights read at a time (a base that moved channel scales: AWQ)."""
+    import torch
+
+    from calora_cli.methods.ca_lora.compensation import channel_scales
+    from calora_cli.streaming import LayerSource
+    from calora_cli.tensor_io import ShardReader
+
+    source = LayerSource(base_art.path, base_art.weights, torch.float32, torch.device("cpu"))
+    readers = [ShardReader(w) for w in teacher_art.weights]
+    where = {n: r for r in readers for n in r.names()}
+    try:
+        scales = {}
+        for m in modules:
+            name = f"{m}.weight"
+            W_hat = source.dequantized(name)
+            if name not in where or W_hat is None:
+                raise CaloraError(f"cannot fit {m}'s channel scales: the teacher or the base has no quantized weight {name}")
+            W = where[name].get_tensor(name).float()
+            if W.shape != W_hat.shape:
+                raise CaloraError(f"shape mismatch at {m}: teacher {tuple(W.shape)}, compressed model {tuple(W_hat.shape)}")
+            scales[m] = channel_scales(W, W_hat)
+        return scales
+    finally:
+        source.close()
+        for r in readers:
+            r.file.close()
+
+
 def _weights(m: str, layer, where: dict, spec: CompensateSpec):
     """The teacher's weight of module `m` and what the compressed layer computes with, checked."""
     name = f"{m}.weight"
