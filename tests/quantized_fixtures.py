@@ -1,9 +1,12 @@
 """Quantized checkpoints made by the tools users make them with, from a plain model saved by
-transformers: AWQ by GPTQModel, compressed-tensors formats by the compressed-tensors package (what
-llm-compressor calls to save; its calibration is min-max here, as its RTN scheme's).
+transformers: GPTQ (through transformers' GPTQConfig) and AWQ by GPTQModel, compressed-tensors
+formats by the compressed-tensors package (what llm-compressor calls to save; its calibration is
+min-max here, as its RTN scheme's).
 
-GPTQModel's AWQ runs in a subprocess of its own: its thread pools are sized once per process (on 2
-cores it needs GPTQMODEL_CPU_WORKERS=2), and it writes its logs into the working directory."""
+GPTQModel runs in a subprocess of its own: once it has quantized in a process, llama.cpp's forward
+pass in that process crashes (a segmentation fault in llama_decode, found when a test worker ran a
+GPTQModel fixture and then a llama.cpp test); its thread pools are sized once per process (AWQ on 2
+cores needs GPTQMODEL_CPU_WORKERS=2), and its AWQ writes logs into the working directory."""
 
 from __future__ import annotations
 
@@ -22,15 +25,42 @@ SCHEMES = {  # name -> (format, weight args, input-activation args)
 }
 
 
+def _in_subprocess(*args: str) -> None:
+    env = {**os.environ, "GPTQMODEL_CPU_WORKERS": "2", "OMP_NUM_THREADS": "1"}
+    work = Path(args[2]).parent / f"{Path(args[2]).name}.work"
+    work.mkdir(parents=True, exist_ok=True)
+    r = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, env=env, cwd=work)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+
 def awq(base: Path, out: Path, calib_text: Path, group_size: int = 64) -> Path:
     """`base` quantized to 4-bit AWQ (GEMM layout, zero points) by GPTQModel on the CPU."""
-    env = {**os.environ, "GPTQMODEL_CPU_WORKERS": "2", "OMP_NUM_THREADS": "1"}
-    work = out.parent / f"{out.name}.work"
-    work.mkdir(parents=True, exist_ok=True)
-    r = subprocess.run([sys.executable, __file__, "awq", str(base), str(out), str(calib_text), str(group_size)],
-                       capture_output=True, text=True, env=env, cwd=work)
-    assert r.returncode == 0, r.stderr[-3000:]
+    _in_subprocess("awq", str(base), str(out), str(calib_text), str(group_size))
     return out
+
+
+def gptq(base: Path, out: Path, calib_text: Path, **config) -> Path:
+    """`base` quantized by GPTQModel through transformers' GPTQConfig (as users make GPTQ models),
+    saved by transformers."""
+    _in_subprocess("gptq", str(base), str(out), str(calib_text), json.dumps(config))
+    return out
+
+
+def _gptq(base: str, out: str, calib_text: str, config: str) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, GPTQConfig
+
+    from calora_cli.data import calibration_batch
+    from calora_cli.models import load_tokenizer
+
+    tok = load_tokenizer(Path(base))
+    windows = calibration_batch(tok, Path(calib_text).read_text(), 8, 64, seed=0)
+    data = [{"input_ids": w[None], "attention_mask": torch.ones(1, w.numel(), dtype=torch.long)} for w in windows]
+    model = AutoModelForCausalLM.from_pretrained(base, quantization_config=GPTQConfig(dataset=data, **json.loads(config)),
+                                                 device_map="cpu", dtype=torch.float32)
+    model.config.quantization_config.dataset = None
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
 
 
 def _awq(base: str, out: str, calib_text: str, group_size: str) -> None:
@@ -104,4 +134,4 @@ def compressed_tensors(base: Path, out: Path, scheme: str) -> Path:
 
 
 if __name__ == "__main__":
-    {"awq": _awq}[sys.argv[1]](*sys.argv[2:])
+    {"awq": _awq, "gptq": _gptq}[sys.argv[1]](*sys.argv[2:])

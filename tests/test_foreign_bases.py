@@ -29,21 +29,11 @@ AUTOGPTQ = "autogptq-v1-3bit"  # the 3-bit checkpoint in AutoGPTQ's layout
 
 
 def _gptqmodel(base: Path, out: Path, calib_text: Path, **config) -> Path:
-    """`base` quantized by GPTQModel through transformers' GPTQConfig, saved by transformers."""
-    from transformers import AutoModelForCausalLM, GPTQConfig
+    """`base` quantized by GPTQModel through transformers' GPTQConfig, saved by transformers (in a
+    subprocess: quantized_fixtures.py says why)."""
+    from quantized_fixtures import gptq
 
-    from calora_cli.data import calibration_batch
-    from calora_cli.models import load_tokenizer
-
-    tok = load_tokenizer(base)
-    windows = calibration_batch(tok, calib_text.read_text(), 8, 64, seed=0)
-    data = [{"input_ids": w[None], "attention_mask": torch.ones(1, w.numel(), dtype=torch.long)} for w in windows]
-    model = AutoModelForCausalLM.from_pretrained(base, quantization_config=GPTQConfig(dataset=data, **config),
-                                                 device_map="cpu", dtype=torch.float32)
-    model.config.quantization_config.dataset = None
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
+    return gptq(base, out, calib_text, **config)
 
 
 def _autogptq_layout(src: Path, out: Path) -> Path:

@@ -166,20 +166,13 @@ def test_streamed_evaluation_of_a_gptq_base_matches_the_kernel_s(cli, trained_ba
 def test_engine_output_is_gptqmodel_s_tensor_for_tensor(cli, trained_base, calib_text, tmp_path, bits):
     """`calora compress --method gptq`, one layer at a time, against transformers' GPTQConfig
     (optimum -> gptqmodel, the whole model loaded) on the same calibration windows: the same tensors
-    (3 bits: codes straddling int32 words, packed as gptqmodel packs them)."""
-    from transformers import AutoModelForCausalLM, GPTQConfig
+    (3 bits: codes straddling int32 words, packed as gptqmodel packs them; made in a subprocess,
+    quantized_fixtures.py says why)."""
+    from quantized_fixtures import gptq as gptqmodel
 
-    from calora_cli.data import calibration_batch
-    from calora_cli.models import load_tokenizer
     from calora_cli.tensor_io import load_tensors
 
-    windows = calibration_batch(load_tokenizer(trained_base), calib_text.read_text(), 8, 64, seed=0)
-    data = [{"input_ids": w[None], "attention_mask": torch.ones(1, w.numel(), dtype=torch.long)} for w in windows]
-    cfg = GPTQConfig(bits=bits, group_size=32, dataset=data, desc_act=False, sym=True)
-    reference = AutoModelForCausalLM.from_pretrained(trained_base, quantization_config=cfg, device_map="cpu",
-                                                     dtype=torch.float32)
-    reference.config.quantization_config.dataset = None  # tensors: not JSON
-    reference.save_pretrained(tmp_path / "gptqmodel")
+    gptqmodel(trained_base, tmp_path / "gptqmodel", calib_text, bits=bits, group_size=32, desc_act=False, sym=True)
     r = cli("compress", trained_base, "-o", tmp_path / "calora", "--method", "gptq", "--group-size", "32",
             "--bits", str(bits), "--calib", calib_text, "--calib-samples", "8", "--seq-len", "64", "-q")
     assert r.exit_code == 0, r.output

@@ -79,6 +79,30 @@ def quantize(src: Path, dst: Path, gguf_type: str, imatrix: dict[str, "torch.Ten
         raise CaloraError(f"llama.cpp's quantizer failed on {src} ({gguf_type}, return code {rc})")
 
 
+@contextlib.contextmanager
+def _plain_cpu_buffers(llama_cpp) -> Iterator[None]:
+    """Load the weights into llama.cpp's plain CPU buffers, not its "extra" buffer types (weights
+    repacked for AMX tiles or interleaved SIMD layouts): on a Xeon with AMX (Sapphire Rapids, found
+    2026-12-07) llama_decode of a K-quant model with them crashes the process (segmentation fault),
+    and without them it runs. The plain path computes the same block dot products (activations
+    rounded to 8 bits), on every CPU alike. Llama() builds its model parameters from
+    llama_model_default_params() and exposes no switch for use_extra_bufts, so that one call is
+    wrapped while the model loads."""
+    module = llama_cpp.llama_cpp
+    default = module.llama_model_default_params
+
+    def params():
+        p = default()
+        p.use_extra_bufts = False
+        return p
+
+    module.llama_model_default_params = params
+    try:
+        yield
+    finally:
+        module.llama_model_default_params = default
+
+
 class Engine:
     """A GGUF model loaded in llama.cpp with any number of LoRA GGUFs applied at once (scale 1 each,
     or as given), scoring token sequences."""
@@ -87,7 +111,7 @@ class Engine:
                  n_ctx: int = 512, threads: int | None = None):
         llama_cpp = binding()
         self._lib = llama_cpp
-        with _quiet_stderr():
+        with _quiet_stderr(), _plain_cpu_buffers(llama_cpp):
             try:
                 self.llm = llama_cpp.Llama(model_path=str(model), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx,
                                            logits_all=True, verbose=False, n_threads=threads or os.cpu_count(),
