@@ -154,14 +154,15 @@ def test_foreign_gptq_base_through_every_stage(cli, tmp_path, foreign, name, wid
 
 
 @pytest.mark.parametrize("bits", [2, 8])
-def test_gptqmodel_2_and_8_bit_bases(cli, tmp_path, bits, wide_base, wide_lora, calib_text, held_out):
-    """GPTQModel's 2- and 8-bit checkpoints: calora's eval (with a LoRA) equals transformers', and
-    merge re-quantizes into the same bits, loadable by transformers."""
-    base = _gptqmodel(wide_base, tmp_path / f"gptq{bits}", calib_text, bits=bits, group_size=64, desc_act=False, sym=True)
-    assert abs(_logppl(cli, base, "--adapter", wide_lora, "--ppl", held_out)
-               - transformers_nll(base, held_out, wide_lora)) < 1e-4
+def test_gptqmodel_2_and_8_bit_bases(cli, tmp_path, bits, tiny_base, tiny_lora, calib_text, held_out):
+    """GPTQModel's 2- and 8-bit checkpoints (of the smallest test model: GPTQModel's quantization is
+    most of this test's time): calora's eval (with a LoRA) equals transformers', and merge
+    re-quantizes into the same bits, loadable by transformers."""
+    base = _gptqmodel(tiny_base, tmp_path / f"gptq{bits}", calib_text, bits=bits, group_size=32, desc_act=False, sym=True)
+    assert abs(_logppl(cli, base, "--adapter", tiny_lora, "--ppl", held_out)
+               - transformers_nll(base, held_out, tiny_lora)) < 1e-4
     merged = tmp_path / "merged"
-    r = cli("merge", base, "--adapter", wide_lora, "-o", merged, "--json", "--quiet")
+    r = cli("merge", base, "--adapter", tiny_lora, "-o", merged, "--json", "--quiet")
     assert r.exit_code == 0, r.stderr[-1500:]
     assert json.loads((merged / "config.json").read_text())["quantization_config"]["bits"] == bits
     assert math.isfinite(transformers_nll(merged, held_out))
@@ -274,13 +275,18 @@ def test_compressed_tensors_base_through_every_stage(cli, tmp_path, ct_bases, sc
     FP8 float-quantized, W8A8 with dynamic int8 activations): calora's eval equals transformers'
     loading of the checkpoint; where transformers cannot load it (5.25 with compressed-tensors 0.20
     refuses packed zero points), it equals a plain model holding compressed-tensors' own
-    fake-quantized weights. inherit --compensate helps; merge needs --dense; recover trains on it."""
+    fake-quantized weights. inherit --compensate helps, merge --dense computes the base + adapter and
+    recover trains on it (W4A16 and FP8; the int8 schemes go through the same code)."""
     base = ct_bases[scheme]
     loadable = base.parent / f"{base.name}-reference" if scheme == "w4a16-asym" else base
     assert abs(_logppl(cli, base, "--adapter", wide_lora, "--ppl", held_out)
                - transformers_nll(loadable, held_out, wide_lora)) < 1e-4
     if scheme != "w8a8":  # streamed layers compute with the weights only: W8A8's activation rounding is not in them
         assert abs(_logppl(cli, base, "--ppl", held_out, "--stream") - transformers_nll(loadable, held_out)) < 1e-4
+    if scheme in ("w8a16", "w8a8"):  # the 8-bit integer schemes share every path below with FP8 and W4A16
+        out = tmp_path / "merged"
+        assert "--dense" in one_line_error(cli("merge", base, "--adapter", wide_lora, "-o", out)) and not out.exists()
+        return
     ids = _ids(wide_base, held_out)
     as_is = _compensation_helps(cli, tmp_path, base, loadable, wide_base, wide_lora, calib_text, ids)
     _merge_needs_dense(cli, tmp_path, base, wide_lora, as_is, ids, loadable)
