@@ -117,6 +117,9 @@ endef
 # the compensated adapters are made by a pattern rule: keep them (make would delete them as
 # intermediates once their evaluations exist; calora writes them whole or not at all)
 .PRECIOUS: $(CA)/%/calora.json
+# and by name: the pattern above did not keep comp64/calora.json on a rank no trained arm starts from
+# (make removed it as an intermediate, leaving the adapter without its manifest)
+.SECONDARY: $(foreach c,$(CA_COMP_BASES),$(foreach r,$(CA_COMP_RANKS),$(CA)/$(c)/comp$(r)/calora.json))
 $(foreach c,$(CA_COMP_BASES),$(eval $(call CA_COMP_BASE,$(c))))
 $(foreach c,$(CA_COMP_TRAINED),$(foreach s,$(CA_COMP_SEEDS),$(eval $(call CA_COMP_RUN,$(c),$(s)))))
 
