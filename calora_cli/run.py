@@ -135,8 +135,8 @@ def check_descends(model: Artifact, origin: Artifact, what: str, opts: RunOption
 
 def weight_distance(model: Artifact, origin: Artifact) -> float | None:
     """Relative distance ||W - W_model|| / ||W|| over the first decoder layer's linear weights, the
-    model's read as calora computes with them (dequantized GPTQ, AWQ, compressed-tensors or GGUF); None for a model whose
-    tensors calora does not read one by one (a bitsandbytes checkpoint)."""
+    model's read as calora computes with them (dequantized GPTQ, AWQ, compressed-tensors or GGUF);
+    None for a model whose tensors calora does not read one by one (a bitsandbytes checkpoint)."""
     import json
 
     import torch

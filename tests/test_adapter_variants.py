@@ -192,14 +192,25 @@ def test_lora_bias_on_a_base_without_biases_is_refused(cli, tmp_path, bases, mad
     ({"init_lora_weights": "pissa"}, "path_initial_model_for_weight_conversion"),
     ({"fan_in_fan_out": True}, "fan_in_fan_out"),
 ])
-@pytest.mark.parametrize("stage", ["inherit", "merge"])
-def test_variants_no_stage_computes_are_refused(cli, tmp_path, bases, made, edit, says, stage):
+@pytest.mark.parametrize("stage", ["inherit", "merge", "compensate", "recover", "sparsify", "nola", "export", "stream"])
+def test_variants_no_stage_computes_are_refused(cli, tmp_path, bases, made, trained_base, calib_text, edit, says, stage):
     adapter = tmp_path / "adapter"
     shutil.copytree(made["rslora_patterns"], adapter)
     config = json.loads((adapter / "adapter_config.json").read_text())
     (adapter / "adapter_config.json").write_text(json.dumps({**config, **edit}))
     out = tmp_path / "out"
-    args = ["inherit", adapter, "--base", bases["pruned"]] if stage == "inherit" else ["merge", bases["pruned"], "--adapter", adapter]
+    pruned, calib = bases["pruned"], ["--calib", calib_text, "--calib-samples", "2", "--seq-len", "32"]
+    args = {
+        "inherit": ["inherit", adapter, "--base", pruned],
+        "merge": ["merge", pruned, "--adapter", adapter],
+        "compensate": ["inherit", adapter, "--base", pruned, "--compensate", "2", "--teacher", trained_base, *calib],
+        "recover": ["recover", adapter, "--base", pruned, "--teacher", trained_base, "--teacher-adapter", adapter,
+                    "--data", calib_text, "--steps", "1", "--seq-len", "32"],
+        "sparsify": ["sparsify-adapter", adapter, "--base", pruned],
+        "nola": ["compress", adapter, "--method", "nola", "--base", trained_base, "--data", calib_text, "--steps", "0"],
+        "export": ["export", pruned, "--adapter", adapter],
+        "stream": ["eval", pruned, "--adapter", adapter, "--ppl", calib_text, "--stream"],
+    }[stage]
     assert says in _refusal(cli(*args, "-o", out)) and not out.exists()
 
 
@@ -224,7 +235,7 @@ def test_keep_sparsity_merges_extras_as_the_plain_merge_does(cli, tmp_path, base
     assert changed and all(torch.equal(ours[n], theirs[n]) for n in others)
 
 
-@pytest.mark.parametrize("variant", ["dora", "modules_to_save", "trainable_tokens"])
+@pytest.mark.parametrize("variant", ["dora", "modules_to_save", "trainable_tokens", "embedding", "lora_bias"])
 def test_recover_trains_the_variant_as_peft_does(cli, tmp_path, bases, made, trained_base, small_text, variant):
     """recover attaches the adapter through peft (trainable) on the compressed base: the result holds
     the variant's tensors, moved by training, and evaluates."""
@@ -238,7 +249,8 @@ def test_recover_trains_the_variant_as_peft_does(cli, tmp_path, bases, made, tra
     theirs = load_file(made[variant] / "adapter_model.safetensors")
     ours = load_file(out / "adapter_model.safetensors")
     assert set(ours) == set(theirs)
-    extra = {"dora": "lora_magnitude_vector", "modules_to_save": "lm_head", "trainable_tokens": "token_adapter"}[variant]
+    extra = {"dora": "lora_magnitude_vector", "modules_to_save": "lm_head", "trainable_tokens": "token_adapter",
+             "embedding": "lora_embedding", "lora_bias": "lora_B.bias"}[variant]
     assert any(extra in k and not torch.equal(ours[k], theirs[k]) for k in theirs), sorted(theirs)
     e = cli("eval", bases["pruned"], "--adapter", out, "--ppl", small_text, "--seq-len", "32", "--json", "--quiet")
     assert e.exit_code == 0 and math.isfinite(json.loads(e.stdout)["perplexity"])

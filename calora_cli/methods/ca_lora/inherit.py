@@ -133,7 +133,7 @@ def inherit(adapter: Path | None, base: Path, out: Path, opts: RunOptions, compe
             keep.update(_carried_into_scales(base_art, teacher_art, factors, carried, keep))
             params["coordinates"] = "carried into the base's channel scales (fitted against the teacher)"
             inputs["teacher"] = teacher_art.input_record()
-    elif teacher_art is not None:
+    elif teacher is not None:
         log.warning("--teacher without --compensate changes nothing on a base that keeps the teacher's channels")
     with atomic_output(out, opts.force) as tmp:
         save_file(keep, tmp / "adapter_model.safetensors", metadata={"format": "pt"})

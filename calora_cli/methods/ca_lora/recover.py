@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from calora_cli import adapters, distributed
-from calora_cli.adapters.lora import save_trained
+from calora_cli.adapters.lora import check_config, save_trained
 from calora_cli.artifacts import (
     atomic_output,
     check_output,
@@ -58,6 +58,7 @@ def recover(adapter: Path, base: Path, teacher: Path, teacher_adapter: Path, dat
     if adapters.kind_of(ad) == "nola":
         raise CaloraError(f"{adapter} is a NOLA adapter: `calora inherit` it onto the compressed model first "
                           "(it carries a NOLA adapter over as its expanded LoRA), then recover that")
+    check_config(adapters.lora_files(ad)[0])  # fan_in_fan_out, layer_replication, unconverted PiSSA: as every stage
     base_art = open_model(base, "base", teacher)
     t_art = open_artifact(teacher, expect="model", role="teacher")
     ta = open_artifact(teacher_adapter, expect="adapter", role="teacher adapter")
