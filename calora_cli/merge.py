@@ -224,8 +224,10 @@ def _merge_shard(src: Path, dst: Path, folder: _Folder, layout, gptq: Gptq | Non
                 if lost:
                     raise CaloraError(f"{src.name}: quantized layer {m} has no {lost[0]} in the same file")
                 stored[m] = parts
-    entries = []
+    done: dict[str, dict] = {}
+    buffers = ReadBuffers()  # each tensor read is written before the read after next, as ReadBuffers needs
     with ShardReader(src) as f:
+        entries = []
         for n in names:
             module = n.rpartition(".")[0]
             if module in stored and n in stored[module]:
@@ -235,12 +237,8 @@ def _merge_shard(src: Path, dst: Path, folder: _Folder, layout, gptq: Gptq | Non
                         entries.append((f"{module}.weight", dtype_code(dense_dtype), shape))
                     continue
             entries.append((n, header[n]["dtype"], header[n]["shape"]))
-    extra = dict(added)
-    entries += [(n, header["model.embed_tokens.weight"]["dtype"], list(t.shape)) for n, t in extra.items()]
-
-    done: dict[str, dict] = {}
-    buffers = ReadBuffers()  # each tensor read is written before the read after next, as ReadBuffers needs
-    with ShardReader(src) as f:
+        extra = dict(added)
+        entries += [(n, header["model.embed_tokens.weight"]["dtype"], list(t.shape)) for n, t in extra.items()]
 
         def produce(name: str):
             module, _, part = name.rpartition(".")

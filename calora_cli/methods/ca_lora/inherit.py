@@ -253,7 +253,6 @@ def _compensate(tmp: Path, base_art, teacher_art, factors: dict, config: dict, s
     layer from its calibration inputs in that model, and the combined LoRA."""
     from calora_cli.arch import adapted_linears, decoder_layers
     from calora_cli.data import calibration_batch, read_text
-    from calora_cli.formats import read_layout
     from calora_cli.methods.ca_lora.transfer import combined_lora, compensate_model
     from calora_cli.models import load_adapter, load_model, load_tokenizer
     from calora_cli.progress import progress
@@ -265,11 +264,9 @@ def _compensate(tmp: Path, base_art, teacher_art, factors: dict, config: dict, s
     if factors:
         model = load_adapter(model, tmp)
     targets = sorted(adapted_linears(model)) if spec.all_linears or not factors else sorted(factors)
-    layout = read_layout(json.loads((base_art.path / "config.json").read_text()), base_art.path)
-    rescaled = bool(layout and layout.moves_scales)
     with progress("compensate", len(decoder_layers(model.get_base_model() if factors else model)), opts.show_progress) as advance:
         comps, removed, scales = compensate_model(model, targets, teacher_art.weights, calib, spec, on_block=advance,
-                                                  rescaled=rescaled)
+                                                  rescaled=_moves_scales(base_art))
     for m, (r, c) in scales.items():  # the LoRA carried into the base's coordinates, as compensate_model carried it
         if m in factors:
             f = factors[m]
